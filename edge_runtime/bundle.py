@@ -1,0 +1,448 @@
+"""The bundle format: one folder written by ``fftmoe-export``, read by the edge runtime and the coordinator.
+
+This module is the only definition of the format (documented in ``docs/bundle-format.md``). It lives in the
+edge runtime because every install of fftmoe has the edge runtime, and it imports nothing heavier than the
+standard library, so the coordinator and the exporter read it too.
+
+A bundle folder holds::
+
+    manifest.json                      this module's Manifest, versioned and validated on read
+    tokenizer/...                      the encoder's tokenizer files (text models)
+    global_pool.safetensors            the initial global experts, router and head (names: global_*_key)
+    tiers/t{N}/training_model.onnx     ONNX Runtime training artifacts of tier N
+    tiers/t{N}/eval_model.onnx
+    tiers/t{N}/optimizer_model.onnx
+    tiers/t{N}/checkpoint
+    inference/model.onnx               the initial global model for inference (+ config.json for optimum)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "fftmoe-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
+"""Tensors of one expert: ``w1`` [d, r], ``b1`` [r], ``w2`` [r, d], ``b2`` [d]; E(h) = gelu(h w1 + b1) w2 + b2."""
+ROUTER_TENSORS = ("weight", "bias")
+"""Tensors of a router: ``weight`` [slots, d], ``bias`` [slots]; one row per expert (slot)."""
+HEAD_TENSORS = ("weight", "bias")
+"""Tensors of the classification head: ``weight`` [num_labels, d], ``bias`` [num_labels]."""
+TIER_FILES = ("training_model", "eval_model", "optimizer_model", "checkpoint")
+
+# Inputs of the training and eval models, in order. Text encoders take input_ids + attention_mask,
+# vision encoders take pixel_values. Every model also takes labels and the routing target q.
+TEXT_INPUTS = ("input_ids", "attention_mask")
+VISION_INPUTS = ("pixel_values",)
+COMMON_INPUTS = ("labels", "routing_target")
+# Outputs of the training and eval models, in order (the first one is the loss that is differentiated).
+OUTPUTS = ("loss", "logits", "ce_loss", "aux_balance", "aux_hetero", "route_counts", "route_prob_sum")
+
+
+def global_expert_key(layer: int, expert: int, tensor: str) -> str:
+    """Name of one global expert tensor in ``global_pool.safetensors``."""
+    return f"layers.{layer}.experts.{expert}.{tensor}"
+
+
+def global_router_key(layer: int, tensor: str) -> str:
+    """Name of a global router tensor (all M rows) in ``global_pool.safetensors``."""
+    return f"layers.{layer}.router.{tensor}"
+
+
+def global_head_key(tensor: str) -> str:
+    """Name of a head tensor in ``global_pool.safetensors``."""
+    return f"head.{tensor}"
+
+
+class BundleError(Exception):
+    """A bundle cannot be used; the message names the file and what is wrong with it."""
+
+
+class ManifestError(BundleError):
+    """``manifest.json`` is missing, unreadable, of another version, or has a malformed field."""
+
+
+class IntegrityError(BundleError):
+    """A file of the bundle is missing or its size or sha256 differs from the manifest."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large checkpoints do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation helpers: every error names the manifest field at fault.
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ManifestError(f"manifest field '{where}' must be an object, got {type(obj).__name__}")
+    if key not in obj:
+        raise ManifestError(f"manifest field '{where}.{key}' is missing" if where else f"manifest field '{key}' is missing")
+    value = obj[key]
+    name = f"{where}.{key}" if where else key
+    # bool is an int in Python; a field that wants a number must not accept true/false.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ManifestError(f"manifest field '{name}' must be {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ManifestError(f"manifest field '{name}' must be {_kind_name(kind)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ManifestError(f"manifest field '{name}' must be finite, got {value}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(value: int, name: str) -> int:
+    if value < 1:
+        raise ManifestError(f"manifest field '{name}' must be >= 1, got {value}")
+    return value
+
+
+def _safe_relpath(value: str, name: str) -> str:
+    p = Path(value)
+    if p.is_absolute() or ".." in p.parts or value == "":
+        raise ManifestError(f"manifest field '{name}' must be a relative path inside the bundle, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the bundle: path relative to the bundle folder, sha256 and size in bytes."""
+
+    path: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, bundle_dir: Path, relpath: str) -> FileEntry:
+        full = bundle_dir / relpath
+        return cls(path=relpath, sha256=sha256_file(full), size=full.stat().st_size)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileEntry:
+        path = _safe_relpath(_get(d, "path", str, where), f"{where}.path")
+        sha = _get(d, "sha256", str, where)
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ManifestError(f"manifest field '{where}.sha256' must be 64 lowercase hex digits, got {sha!r}")
+        size = _get(d, "size", int, where)
+        if size < 0:
+            raise ManifestError(f"manifest field '{where}.size' must be >= 0, got {size}")
+        return cls(path=path, sha256=sha, size=size)
+
+
+@dataclass(frozen=True)
+class SlotParam:
+    """One trainable tensor of a tier's expert slot: the ONNX parameter name and where it belongs."""
+
+    name: str
+    layer: int
+    slot: int
+    tensor: str  # one of EXPERT_TENSORS
+
+
+@dataclass(frozen=True)
+class NamedParam:
+    """A trainable router or head tensor: ONNX parameter name, layer (-1 for the head) and tensor kind."""
+
+    name: str
+    layer: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Step time and peak resident memory of a few ORT training steps, measured on the exporting machine."""
+
+    batch_size: int
+    seq_len: int
+    threads: int
+    steps: int
+    step_time_s: float
+    peak_rss_mb: float
+    machine: str
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One expert-budget tier: ``slots`` experts per layer held and trained on the device."""
+
+    slots: int
+    top_k: int
+    files: dict[str, FileEntry]
+    slot_params: list[SlotParam]
+    router_params: list[NamedParam]
+    head_params: list[NamedParam]
+    trainable_params: int
+    trainable_bytes: int
+    measured: Measurement | None = None
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [p.name for p in self.slot_params] + [p.name for p in self.router_params] + [p.name for p in self.head_params]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The frozen encoder: where it came from, its architecture and a hash of its weights."""
+
+    source: str
+    model_type: str
+    modality: str  # "text" or "vision"
+    hidden_size: int
+    num_layers: int
+    sha256: str
+    image_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a device or the coordinator needs to know about a bundle (``manifest.json``)."""
+
+    model: ModelInfo
+    labels: list[str]
+    max_seq_len: int
+    num_experts: int
+    expert_dim: int
+    top_k: int
+    aux_alpha: float
+    aux_beta: float
+    pooling: str
+    opset: int
+    tiers: dict[int, Tier]
+    global_pool: FileEntry
+    inference_model: FileEntry
+    tokenizer_files: list[FileEntry] = field(default_factory=list)
+    inference_files: list[FileEntry] = field(default_factory=list)
+    created: str = ""
+    fftmoe_version: str = ""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.hidden_size
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Inputs of the training and eval models, in order."""
+        return (TEXT_INPUTS if self.model.modality == "text" else VISION_INPUTS) + COMMON_INPUTS
+
+    def tier(self, slots: int) -> Tier:
+        if slots not in self.tiers:
+            raise BundleError(f"the bundle has no tier {slots}; it has tiers {sorted(self.tiers)}")
+        return self.tiers[slots]
+
+    def all_files(self) -> list[FileEntry]:
+        files = [self.global_pool, self.inference_model, *self.tokenizer_files, *self.inference_files]
+        for tier in self.tiers.values():
+            files.extend(tier.files.values())
+        return files
+
+    # -- serialisation -----------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tiers"] = {str(k): asdict(v) for k, v in sorted(self.tiers.items())}
+        # Put the identification first so a person reading the file sees it at once.
+        head = {"format": d.pop("format"), "format_version": d.pop("format_version")}
+        return {**head, **d}
+
+    def save(self, bundle_dir: Path) -> Path:
+        path = bundle_dir / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        if not isinstance(d, dict):
+            raise ManifestError(f"manifest must be a JSON object, got {type(d).__name__}")
+        fmt = _get(d, "format", str, "")
+        if fmt != FORMAT_NAME:
+            raise ManifestError(f"manifest field 'format' must be {FORMAT_NAME!r}, got {fmt!r}: not an fftmoe bundle")
+        version = _get(d, "format_version", int, "")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"bundle format version {version} is not supported by this fftmoe (it reads version {FORMAT_VERSION}); "
+                "re-export the bundle with this version of fftmoe-export"
+            )
+        m = _get(d, "model", dict, "")
+        modality = _get(m, "modality", str, "model")
+        if modality not in ("text", "vision"):
+            raise ManifestError(f"manifest field 'model.modality' must be 'text' or 'vision', got {modality!r}")
+        image_size = m.get("image_size")
+        if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1):
+            raise ManifestError(f"manifest field 'model.image_size' must be a positive integer or null, got {image_size!r}")
+        model = ModelInfo(
+            source=_get(m, "source", str, "model"),
+            model_type=_get(m, "model_type", str, "model"),
+            modality=modality,
+            hidden_size=_positive(_get(m, "hidden_size", int, "model"), "model.hidden_size"),
+            num_layers=_positive(_get(m, "num_layers", int, "model"), "model.num_layers"),
+            sha256=_get(m, "sha256", str, "model"),
+            image_size=image_size,
+        )
+        labels = _get(d, "labels", list, "")
+        if len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+            raise ManifestError("manifest field 'labels' must be a list of at least 2 distinct strings")
+        num_experts = _positive(_get(d, "num_experts", int, ""), "num_experts")
+        top_k = _positive(_get(d, "top_k", int, ""), "top_k")
+        tiers_raw = _get(d, "tiers", dict, "")
+        if not tiers_raw:
+            raise ManifestError("manifest field 'tiers' must hold at least one tier")
+        tiers: dict[int, Tier] = {}
+        for key, raw in tiers_raw.items():
+            if not key.isdigit():
+                raise ManifestError(f"manifest field 'tiers' has key {key!r}; tier keys are expert counts such as '2'")
+            tiers[int(key)] = _tier_from_dict(raw, f"tiers.{key}", model.num_layers, num_experts)
+            if tiers[int(key)].slots != int(key):
+                raise ManifestError(f"manifest field 'tiers.{key}.slots' is {tiers[int(key)].slots}, expected {key}")
+        return cls(
+            model=model,
+            labels=list(labels),
+            max_seq_len=_positive(_get(d, "max_seq_len", int, ""), "max_seq_len"),
+            num_experts=num_experts,
+            expert_dim=_positive(_get(d, "expert_dim", int, ""), "expert_dim"),
+            top_k=top_k,
+            aux_alpha=float(_get(d, "aux_alpha", (int, float), "")),
+            aux_beta=float(_get(d, "aux_beta", (int, float), "")),
+            pooling=_get(d, "pooling", str, ""),
+            opset=_get(d, "opset", int, ""),
+            tiers=tiers,
+            global_pool=FileEntry.from_dict(_get(d, "global_pool", dict, ""), "global_pool"),
+            inference_model=FileEntry.from_dict(_get(d, "inference_model", dict, ""), "inference_model"),
+            tokenizer_files=[
+                FileEntry.from_dict(x, f"tokenizer_files[{i}]") for i, x in enumerate(_get(d, "tokenizer_files", list, ""))
+            ],
+            inference_files=[
+                FileEntry.from_dict(x, f"inference_files[{i}]") for i, x in enumerate(_get(d, "inference_files", list, ""))
+            ],
+            created=str(d.get("created", "")),
+            fftmoe_version=str(d.get("fftmoe_version", "")),
+        )
+
+
+def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int) -> Tier:
+    slots = _positive(_get(d, "slots", int, where), f"{where}.slots")
+    if slots > num_experts:
+        raise ManifestError(f"manifest field '{where}.slots' is {slots}, more than num_experts={num_experts}")
+    files_raw = _get(d, "files", dict, where)
+    files = {}
+    for key in TIER_FILES:
+        files[key] = FileEntry.from_dict(_get(files_raw, key, dict, f"{where}.files"), f"{where}.files.{key}")
+    slot_params = []
+    for i, p in enumerate(_get(d, "slot_params", list, where)):
+        w = f"{where}.slot_params[{i}]"
+        sp = SlotParam(_get(p, "name", str, w), _get(p, "layer", int, w), _get(p, "slot", int, w), _get(p, "tensor", str, w))
+        if not (0 <= sp.layer < num_layers and 0 <= sp.slot < slots and sp.tensor in EXPERT_TENSORS):
+            raise ManifestError(f"manifest field '{w}' points at layer {sp.layer}, slot {sp.slot}, tensor {sp.tensor!r}: out of range")
+        slot_params.append(sp)
+    if len(slot_params) != num_layers * slots * len(EXPERT_TENSORS):
+        raise ManifestError(
+            f"manifest field '{where}.slot_params' has {len(slot_params)} entries, "
+            f"expected {num_layers} layers x {slots} slots x {len(EXPERT_TENSORS)} tensors"
+        )
+    router_params = [_named_from_dict(p, f"{where}.router_params[{i}]") for i, p in enumerate(_get(d, "router_params", list, where))]
+    head_params = [_named_from_dict(p, f"{where}.head_params[{i}]") for i, p in enumerate(_get(d, "head_params", list, where))]
+    names = [p.name for p in slot_params] + [p.name for p in router_params] + [p.name for p in head_params]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"manifest field '{where}' names a trainable parameter twice")
+    measured_raw = d.get("measured")
+    measured = None
+    if measured_raw is not None:
+        w = f"{where}.measured"
+        measured = Measurement(
+            batch_size=_get(measured_raw, "batch_size", int, w),
+            seq_len=_get(measured_raw, "seq_len", int, w),
+            threads=_get(measured_raw, "threads", int, w),
+            steps=_get(measured_raw, "steps", int, w),
+            step_time_s=float(_get(measured_raw, "step_time_s", (int, float), w)),
+            peak_rss_mb=float(_get(measured_raw, "peak_rss_mb", (int, float), w)),
+            machine=_get(measured_raw, "machine", str, w),
+        )
+    return Tier(
+        slots=slots,
+        top_k=_positive(_get(d, "top_k", int, where), f"{where}.top_k"),
+        files=files,
+        slot_params=slot_params,
+        router_params=router_params,
+        head_params=head_params,
+        trainable_params=_get(d, "trainable_params", int, where),
+        trainable_bytes=_get(d, "trainable_bytes", int, where),
+        measured=measured,
+    )
+
+
+def _named_from_dict(p: Any, where: str) -> NamedParam:
+    return NamedParam(_get(p, "name", str, where), _get(p, "layer", int, where), _get(p, "tensor", str, where))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and verifying a bundle folder
+
+
+def load_manifest(bundle_dir: Path | str) -> Manifest:
+    """Read and validate ``manifest.json`` of a bundle folder; raises ManifestError naming the problem."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        raise ManifestError(f"{bundle_dir}: not a folder; expected a bundle written by fftmoe-export")
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; {bundle_dir} is not an fftmoe bundle (run fftmoe-export --out {bundle_dir})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        return Manifest.from_dict(raw)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
+
+
+def verify_files(bundle_dir: Path | str, entries: list[FileEntry]) -> None:
+    """Check that each file exists with the size and sha256 the manifest records; raise IntegrityError if not."""
+    bundle_dir = Path(bundle_dir)
+    for entry in entries:
+        full = bundle_dir / entry.path
+        if not full.is_file():
+            raise IntegrityError(f"{full}: missing (the manifest lists it)")
+        size = full.stat().st_size
+        if size != entry.size:
+            raise IntegrityError(f"{full}: {size} bytes, the manifest says {entry.size}: truncated or replaced")
+        actual = sha256_file(full)
+        if actual != entry.sha256:
+            raise IntegrityError(f"{full}: sha256 {actual} differs from the manifest's {entry.sha256}: the file was changed")
+
+
+def verify_bundle(bundle_dir: Path | str, tiers: list[int] | None = None) -> Manifest:
+    """Validate the manifest and verify the hashes of the shared files and of the given tiers (all if None)."""
+    manifest = load_manifest(bundle_dir)
+    entries = [manifest.global_pool, manifest.inference_model, *manifest.tokenizer_files, *manifest.inference_files]
+    for slots in sorted(manifest.tiers) if tiers is None else tiers:
+        entries.extend(manifest.tier(slots).files.values())
+    verify_files(bundle_dir, entries)
+    return manifest

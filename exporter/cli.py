@@ -1,0 +1,125 @@
+"""``fftmoe-export``: build a bundle of per-tier ONNX Runtime training artifacts from a Hugging Face encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from exporter.config import ConfigError, MoEAdapterConfig, parse_tiers
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_ARGS = 2
+EXIT_BAD_MODEL = 3
+EXIT_OUTPUT_EXISTS = 4
+
+EPILOG = (
+    "Exit codes: 0 done; 1 the export failed (nothing is left at --out); 2 invalid arguments; "
+    "3 the model is missing, unreadable or of an unsupported architecture; 4 --out already holds files (use --force)."
+)
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command(epilog=EPILOG)
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the bundle into (created; refused if it holds files, unless --force)."),
+    tiers: str = typer.Option("2,4,8", help="Expert-budget tiers: experts per layer held and trained on a device, comma-separated, each 1..--experts."),
+    model: Optional[str] = typer.Option(None, help="Hugging Face encoder folder or hub id (BERT, RoBERTa, XLM-R, ELECTRA, ViT, DeiT). Default: the offline all-MiniLM-L6-v2."),
+    experts: int = typer.Option(8, help="M: global experts per layer."),
+    expert_dim: int = typer.Option(64, help="r: width of each expert FFN (d -> r -> d)."),
+    top_k: int = typer.Option(2, help="Experts active per token (a tier with fewer slots uses all of them)."),
+    labels: Optional[str] = typer.Option(None, help="Class labels, comma-separated, in the order of the head's outputs, e.g. World,Sports,Business,Sci/Tech."),
+    num_labels: Optional[int] = typer.Option(None, help="Number of classes when the labels are just 0..N-1 (default 2 when --labels is not given)."),
+    max_seq_len: int = typer.Option(128, help="Tokens per example (text models); longer texts are truncated on the device."),
+    alpha: float = typer.Option(0.01, help="Weight of the load-balance auxiliary loss; 0 turns it off."),
+    beta: float = typer.Option(0.01, help="Weight of the heterogeneity (KL to target q) auxiliary loss; 0 turns it off."),
+    seed: int = typer.Option(0, help="Seed of the adapter's initial weights."),
+    measure: bool = typer.Option(True, help="Measure each tier's ORT step time and peak memory (batch 16 x 64 tokens, 2 threads) for tier selection on devices."),
+    force: bool = typer.Option(False, "--force", help="Replace a bundle already at --out (the old one is kept until the new one is complete)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of a table."),
+) -> None:
+    """Export a frozen encoder with MoE adapters as ONNX Runtime on-device training artifacts, one set per tier.
+
+    Writes OUT/manifest.json, the initial global expert pool, the tokenizer, tiers/tN/ training artifacts and an
+    inference model that loads with optimum's ORTModelForSequenceClassification.
+    """
+    from exporter.export import ExportOptions, OutputExistsError, export_bundle
+    from exporter.model import ModelLoadError, UnsupportedArchitectureError
+
+    err = Console(stderr=True)
+    try:
+        adapter = MoEAdapterConfig(
+            num_experts=experts, expert_dim=expert_dim, top_k=top_k, aux_alpha=alpha, aux_beta=beta, seed=seed
+        )
+        opts = ExportOptions(
+            out=out, tiers=parse_tiers(tiers, experts), adapter=adapter, model=model,
+            labels=labels.split(",") if labels is not None else None, num_labels=num_labels,
+            max_seq_len=max_seq_len, force=force, measure=measure,
+        )  # fmt: skip
+        opts.resolved_labels()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_ARGS) from None
+
+    start = time.perf_counter()
+    try:
+        with err.status("starting", spinner="dots") as status:
+
+            def progress(msg: str) -> None:
+                status.update(msg)
+                err.print(f"[dim]{time.perf_counter() - start:6.1f}s[/dim] {msg}", highlight=False)
+
+            manifest, reports = export_bundle(opts, progress)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_ARGS) from None
+    except (ModelLoadError, UnsupportedArchitectureError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_MODEL) from None
+    except OutputExistsError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_OUTPUT_EXISTS) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/yellow] nothing was written to --out")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - report, exit 1, leave nothing half-written
+        err.print(f"[red]export failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        if os.environ.get("FFTMOE_DEBUG"):
+            raise
+        raise typer.Exit(EXIT_FAILED) from None
+
+    total = time.perf_counter() - start
+    if json_out:
+        print(json.dumps({"out": str(opts.out), "seconds": round(total, 1), "tiers": [asdict(r) for r in reports]}, indent=2))
+        return
+    table = Table(title=f"bundle {opts.out} ({manifest.model.model_type}, M={manifest.num_experts}, r={manifest.expert_dim}, top-k={manifest.top_k})")
+    for col in ("tier", "top-k", "trainable params", "artifact MB", "export s", "step s (16x64, 2 thr)", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        table.add_row(
+            str(r.slots), str(r.top_k), f"{r.trainable_params:,}", f"{r.artifact_mb:.1f}", f"{r.export_s:.1f}",
+            "-" if r.step_time_s is None else f"{r.step_time_s:.3f}",
+            "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
+        )  # fmt: skip
+    Console().print(table)
+    Console().print(f"done in {total:.0f} s: {opts.out}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="fftmoe-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Configuration of the MoE adapter (shaped like PEFT's LoraConfig: one dataclass, help on every field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the command-line flag and how to fix it."""
+
+
+@dataclass
+class MoEAdapterConfig:
+    """Settings of the FFT-MoE adapter that is injected after every transformer block's FFN."""
+
+    num_experts: int = field(default=8, metadata={"help": "M: global experts per layer (--experts)."})
+    expert_dim: int = field(default=64, metadata={"help": "r: hidden width of each expert FFN d -> r -> d (--expert-dim)."})
+    top_k: int = field(default=2, metadata={"help": "Experts active per token; a tier with t slots uses min(top_k, t) (--top-k)."})
+    aux_alpha: float = field(
+        default=0.01, metadata={"help": "Weight of the load-balance term t * sum_j f_j p_j in the loss (--alpha); 0 turns it off."}
+    )
+    aux_beta: float = field(
+        default=0.01,
+        metadata={"help": "Weight of the heterogeneity term KL(q || p_bar) towards the target q in the loss (--beta); 0 turns it off."},
+    )
+    init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of router, expert input layers and head."})
+    seed: int = field(default=0, metadata={"help": "Seed of the adapter's initialisation (--seed)."})
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"--experts must be >= 1, got {self.num_experts}")
+        if self.expert_dim < 1:
+            raise ConfigError(f"--expert-dim must be >= 1, got {self.expert_dim}")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"--top-k {self.top_k} exceeds --experts {self.num_experts}: choose --top-k <= --experts")
+        for flag, value in (("--alpha", self.aux_alpha), ("--beta", self.aux_beta)):
+            if not value >= 0.0 or value == float("inf"):  # also rejects NaN
+                raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+
+    def active_experts(self, slots: int) -> int:
+        """k for a tier with ``slots`` slots: min(top_k, slots)."""
+        return min(self.top_k, slots)
+
+
+def parse_tiers(text: str, num_experts: int) -> list[int]:
+    """Parse ``--tiers 2,4,8`` into sorted distinct ints, each in 1..M; errors name the flag and the bad value."""
+    tiers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise ConfigError(f"--tiers {text!r}: empty entry; give expert counts separated by commas, e.g. --tiers 2,4,8")
+        try:
+            value = int(part)
+        except ValueError:
+            raise ConfigError(f"--tiers {text!r}: {part!r} is not an integer; e.g. --tiers 2,4,8") from None
+        if value < 1:
+            raise ConfigError(f"--tiers {text!r}: {value} is < 1; a tier holds at least one expert")
+        if value > num_experts:
+            raise ConfigError(f"--tiers {text!r}: {value} exceeds --experts {num_experts}; raise --experts or drop the tier")
+        tiers.add(value)
+    return sorted(tiers)

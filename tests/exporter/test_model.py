@@ -1,0 +1,107 @@
+"""Injection of MoE adapters into Hugging Face encoders, parameter roles and the global pool mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime.bundle import EXPERT_TENSORS, global_expert_key, global_router_key
+from exporter.config import MoEAdapterConfig
+from exporter.model import (
+    SUPPORTED,
+    FFTMoEModel,
+    MoELayer,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+    init_global_pool,
+    load_encoder,
+)
+from tests.conftest import make_tiny_bert
+
+
+def _model(source: Path, slots: int = 3, experts: int = 4) -> FFTMoEModel:
+    encoder, _, arch, _ = load_encoder(str(source))
+    return FFTMoEModel(encoder, arch, MoEAdapterConfig(num_experts=experts, expert_dim=8), slots, 3)
+
+
+def test_adapters_wrap_each_block_ffn_output_and_only_they_and_head_train(tiny_bert_dir: Path) -> None:
+    model = _model(tiny_bert_dir)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    assert len(layers) == 2 and all(type(layer.base_layer).__name__ == "BertOutput" for layer in layers)
+    trainable = [n for n, _ in model.trainable_named_parameters()]
+    assert all(".moe." in n or n.startswith("head.") for n in trainable)
+    # 2 layers x (router weight+bias + 3 slots x 4 tensors) + head weight+bias
+    assert len(trainable) == 2 * (2 + 3 * 4) + 2
+    assert len(model.slot_params()) == 2 * 3 * len(EXPERT_TENSORS)
+
+
+def test_forward_outputs_and_zero_adapter_preserves_encoder(tiny_bert_dir: Path) -> None:
+    model = _model(tiny_bert_dir)
+    pristine, _, _, _ = load_encoder(str(tiny_bert_dir))
+    model.load_global(init_global_pool(model.config, 32, 2, 3))  # expert output layers start at zero
+    ids = torch.randint(5, 40, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    out = model(ids, mask, torch.tensor([0, 2]), torch.full((2, 3), 1 / 3))
+    loss, logits, ce, bal, het, counts, psum = out
+    assert logits.shape == (2, 3) and counts.shape == (2, 3) and psum.shape == (2, 3)
+    assert torch.allclose(loss, ce + 0.01 * bal + 0.01 * het)
+    # each real token picks top_k = 2 slots in each layer
+    assert torch.equal(counts.sum(dim=1), torch.full((2,), 2.0 * 14))
+    with torch.no_grad():
+        want = pristine(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want)
+
+
+def test_tier_with_fewer_slots_than_top_k_uses_all_slots(tiny_bert_dir: Path) -> None:
+    model = _model(tiny_bert_dir, slots=1)
+    assert model.top_k == 1
+
+
+def test_load_global_fills_slots_from_assigned_experts(tiny_bert_dir: Path) -> None:
+    model = _model(tiny_bert_dir, slots=2)
+    pool = init_global_pool(MoEAdapterConfig(num_experts=4, expert_dim=8), 32, 2, 3)
+    pool = {k: np.random.default_rng(len(k)).normal(size=v.shape).astype(np.float32) for k, v in pool.items()}
+    model.load_global(pool, assignment=[[3, 1], [0, 2]])
+    layer1 = model.adapters[1].moe
+    np.testing.assert_array_equal(layer1.experts[1].w2.detach().numpy(), pool[global_expert_key(1, 2, "w2")])
+    np.testing.assert_array_equal(model.adapters[0].moe.experts[0].b1.detach().numpy(), pool[global_expert_key(0, 3, "b1")])
+    np.testing.assert_array_equal(layer1.router.weight.detach().numpy(), pool[global_router_key(1, "weight")][[0, 2]])
+    with pytest.raises(ValueError, match="distinct"):
+        model.load_global(pool, assignment=[[1, 1], [0, 2]])
+
+
+@pytest.mark.parametrize("model_type", ["roberta"])
+def test_other_text_architectures_are_wrapped(tmp_path: Path, model_type: str) -> None:
+    model = _model(make_tiny_bert(tmp_path / model_type, model_type))
+    assert model.arch.model_type == model_type
+    out = model(torch.randint(5, 40, (2, 5)), torch.ones(2, 5, dtype=torch.int64), torch.tensor([0, 1]), torch.full((2, 3), 1 / 3))
+    assert torch.isfinite(out[0])
+
+
+def test_vit_is_wrapped_with_cls_pooling(tiny_vit_dir: Path) -> None:
+    model = _model(tiny_vit_dir)
+    assert model.arch.modality == "vision" and model.arch.pooling == "cls"
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), torch.full((2, 3), 1 / 3))
+    assert out[1].shape == (2, 3)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
+    import transformers
+
+    transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        load_encoder(str(tmp_path))
+    assert "'gpt2'" in str(info.value)
+    for name in SUPPORTED:
+        assert name in str(info.value)
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_encoder(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_encoder(str(tmp_path / "nowhere" / "model"))
