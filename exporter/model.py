@@ -246,6 +246,7 @@ class FFTMoEModel(nn.Module):
         return [
             NamedParam(names[id(getattr(layer.moe.router, t))], i, t)
             for i, layer in enumerate(self.adapters)
+            if layer.moe.router.trainable
             for t in ROUTER_TENSORS
         ]
 
@@ -267,7 +268,7 @@ class FFTMoEModel(nn.Module):
             for slot, expert_id in enumerate(ids):
                 for t in EXPERT_TENSORS:
                     getattr(layer.moe.experts[slot], t).copy_(torch.from_numpy(pool[global_expert_key(l_idx, expert_id, t)]))
-            for t in ROUTER_TENSORS:
+            for t in ROUTER_TENSORS if layer.moe.router.trainable else ():
                 rows = pool[global_router_key(l_idx, t)][ids]
                 getattr(layer.moe.router, t).copy_(torch.from_numpy(np.ascontiguousarray(rows)))
         for t in HEAD_TENSORS:

@@ -11,18 +11,31 @@ from torch import nn
 
 
 class Router(nn.Module):
-    """Linear d -> t, softmax, top-k with renormalised gates."""
+    """Linear d -> t, softmax, top-k with renormalised gates.
+
+    A one-slot router is the constant 1 (a softmax over one slot has no gradient): it has no parameters, and the
+    graph has no softmax or top-k over a size-1 axis (ONNX Runtime's training graph builder mis-computes that case).
+    """
 
     def __init__(self, hidden_size: int, slots: int, top_k: int) -> None:
         super().__init__()
         if not 1 <= top_k <= slots:
             raise ValueError(f"top_k={top_k} must be in 1..slots={slots}")
-        self.weight = nn.Parameter(torch.zeros(slots, hidden_size))  # [t, d]
-        self.bias = nn.Parameter(torch.zeros(slots))  # [t]
+        self.slots = slots
         self.top_k = top_k
+        if slots > 1:
+            self.weight = nn.Parameter(torch.zeros(slots, hidden_size))  # [t, d]
+            self.bias = nn.Parameter(torch.zeros(slots))  # [t]
+
+    @property
+    def trainable(self) -> bool:
+        return self.slots > 1
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (probs, selected, gates), each [B, S, t]; ``selected`` is 1.0 on the top-k slots of a token."""
+        if self.slots == 1:
+            ones = torch.ones_like(h[..., :1])  # [B, S, 1]
+            return ones, ones, ones
         probs = torch.softmax(F.linear(h, self.weight, self.bias), dim=-1)  # [B, S, t]
         kth = torch.topk(probs, self.top_k, dim=-1).values[..., -1:]  # [B, S, 1]
         selected = (probs >= kth).to(probs.dtype)  # [B, S, t]; no gradient flows through the choice

@@ -9,7 +9,14 @@ VENV="${FFTMOE_VENV:-.venv}"
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 stamp="$VENV/.fftmoe-stamp"
 want="$(cat constraints.txt pyproject.toml scripts/setup-venv.sh | sha256sum | cut -c1-16)"
+here="$(pwd -P)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  # The environment is current; make sure its editable install points at this checkout (a shared venv may
+  # have been built from another clone).
+  there="$("$VENV/bin/python" -c 'import exporter, os; print(os.path.dirname(os.path.dirname(os.path.realpath(exporter.__file__))))' 2>/dev/null || true)"
+  if [ "$there" != "$here" ]; then
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e . >/dev/null
+  fi
   exit 0
 fi
 echo "setting up $VENV (first time: about 10 minutes; later runs reuse it)" >&2

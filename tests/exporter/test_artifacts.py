@@ -1,0 +1,100 @@
+"""Per-tier ONNX Runtime training artifacts of the tiny bundle against PyTorch (the independent reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from edge_runtime.bundle import global_expert_key, global_head_key, global_router_key, load_manifest
+from edge_runtime.ort_backend import OrtTierSession
+from exporter.check import gradient_check, tier_files, torch_model
+from exporter.onnx_export import ExportError, check_trainable_initializers, example_inputs, input_names
+
+TIERS = [1, 2, 4]
+# Gradients: max |g_ort - g_torch| <= 1e-4 * max |g_torch|, per trainable tensor (float32 on both sides).
+GRAD_RTOL = 1e-4
+
+
+@pytest.mark.parametrize("slots", TIERS)
+def test_gradients_match_pytorch_autograd(tiny_bundle: Path, slots: int) -> None:
+    report = gradient_check(tiny_bundle, slots)
+    assert abs(report.loss_ort - report.loss_torch) <= 1e-5 * max(1.0, abs(report.loss_torch))
+    assert len(report.errors) == len(load_manifest(tiny_bundle).tier(slots).trainable_names)
+    assert report.worst_error <= GRAD_RTOL, f"{report.worst_name}: relative gradient error {report.worst_error:.2e}"
+
+
+@pytest.mark.parametrize("slots", TIERS)
+def test_training_lowers_loss_and_changes_only_trainable_tensors(tiny_bundle: Path, slots: int) -> None:
+    manifest = load_manifest(tiny_bundle)
+    session = OrtTierSession(tier_files(tiny_bundle, manifest, slots))
+    trainable = set(manifest.tier(slots).trainable_names)
+    assert set(session.trainable_names) == trainable
+    frozen_before = {n: p.data.copy() for n, p in session.state.parameters if n not in trainable}
+    trainable_before = {n: session.get(n) for n in trainable}
+    model = torch_model(tiny_bundle, manifest, slots)
+    batch = [t.numpy() for t in example_inputs(model, 8, 12, None, seed=3)]
+    session.set_learning_rate(1e-2)
+    losses = [float(session.train_step(batch)[0]) for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    for name, before in frozen_before.items():
+        np.testing.assert_array_equal(session.get(name), before, err_msg=f"frozen tensor {name} changed")
+    changed = [n for n in trainable if not np.array_equal(session.get(n), trainable_before[n])]
+    assert "head.weight" in changed and len(changed) > len(trainable) // 2
+
+
+def test_checkpoint_holds_the_global_pool_in_slot_order(tiny_bundle: Path) -> None:
+    manifest = load_manifest(tiny_bundle)
+    pool = load_file(str(tiny_bundle / manifest.global_pool.path))
+    tier = manifest.tier(2)
+    session = OrtTierSession(tier_files(tiny_bundle, manifest, 2), with_optimizer=False)
+    for p in tier.slot_params:
+        np.testing.assert_array_equal(session.get(p.name), pool[global_expert_key(p.layer, p.slot, p.tensor)])
+    for p in tier.router_params:
+        np.testing.assert_array_equal(session.get(p.name), pool[global_router_key(p.layer, p.tensor)][:2])
+    for p in tier.head_params:
+        np.testing.assert_array_equal(session.get(p.name), pool[global_head_key(p.tensor)])
+
+
+def test_eval_model_matches_training_outputs(tiny_bundle: Path) -> None:
+    manifest = load_manifest(tiny_bundle)
+    session = OrtTierSession(tier_files(tiny_bundle, manifest, 4), with_optimizer=False)
+    model = torch_model(tiny_bundle, manifest, 4)
+    batch = [t.numpy() for t in example_inputs(model, 4, 10, None, seed=5)]
+    with torch.no_grad():
+        want = model(*[torch.from_numpy(x) for x in batch])
+    got = session.evaluate(batch)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_inference_model_matches_pytorch_logits(tiny_bundle: Path) -> None:
+    import onnxruntime
+
+    manifest = load_manifest(tiny_bundle)
+    model = torch_model(tiny_bundle, manifest, manifest.num_experts)  # the global model: all M experts
+    model.eval()
+    inputs = example_inputs(model, 3, 11, None, seed=7)
+    with torch.no_grad():
+        want, _ = model.logits(*inputs[:2])
+    sess = onnxruntime.InferenceSession(str(tiny_bundle / manifest.inference_model.path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["logits"], {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()})
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_mode_export_trap_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The silent wrong-gradient trap: an EVAL-mode export merges equal (zero) initializers; it must not pass."""
+    manifest = load_manifest(tiny_bundle)
+    model = torch_model(tiny_bundle, manifest, 2)  # zero expert biases and output layers, as exported
+    model.eval()
+    path = tmp_path / "eval.onnx"
+    torch.onnx.export(
+        model, example_inputs(model, 2, 8, None), str(path), input_names=input_names(model),
+        opset_version=16, training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True, dynamo=False,
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="merged or folded"):
+        check_trainable_initializers(onnx.load(str(path)), [n for n, _ in model.trainable_named_parameters()])
