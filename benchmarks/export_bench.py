@@ -1,0 +1,138 @@
+"""Exporter benchmark: per tier, export time, artifact sizes, ORT vs PyTorch eager training step, peak RSS.
+
+    python benchmarks/export_bench.py --tiers 2,4,8            # MiniLM, batch 16 x 64, 2 threads
+    python benchmarks/export_bench.py --model DIR --json
+
+Each training measurement runs in its own child process, so peak RSS is that of a process doing only that: the ORT
+child never imports torch (as on a device), the PyTorch child trains the same tier (same weights, batch and AdamW)
+in eager mode. ORT and PyTorch children alternate per tier, in one run, and the figures are reported as ratios.
+This is a benchmark, not a test: it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import typer  # noqa: E402
+
+
+def _child(args: list[str], threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def torch_step(bundle: Path, slots: int, batch: int, seq_len: int, threads: int, steps: int) -> None:
+    """Child: PyTorch eager AdamW steps of one tier; prints step time and peak RSS as JSON."""
+    import numpy as np
+    import torch
+
+    from edge_runtime.bundle import load_manifest
+    from edge_runtime.measure import BatchSpec, peak_rss_mb
+    from exporter.check import torch_model
+
+    torch.set_num_threads(threads)
+    manifest = load_manifest(bundle)
+    model = torch_model(bundle, manifest, slots).train()
+    spec = BatchSpec("text", batch, seq_len, manifest.num_layers, slots, len(manifest.labels), model.encoder.config.vocab_size)
+    inputs = [torch.from_numpy(x) for x in spec.make()]
+    opt = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-3)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        opt.zero_grad()
+        model(*inputs)[0].backward()
+        opt.step()
+        if i:  # the first step is warm-up
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"step_time_s": float(np.median(times)), "peak_rss_mb": peak_rss_mb()}))
+
+
+def main(
+    tiers: str = typer.Option("2,4,8", help="Tiers to export and measure."),
+    model: str = typer.Option(None, help="Encoder folder or hub id (default: the offline MiniLM)."),
+    batch: int = typer.Option(16, help="Reference batch size."),
+    seq_len: int = typer.Option(64, help="Reference sequence length."),
+    threads: int = typer.Option(2, help="Threads for both backends."),
+    steps: int = typer.Option(10, help="Timed steps per measurement (median reported; one warm-up step before)."),
+    out: Path = typer.Option(None, help="Bundle folder (default: a temporary folder, deleted afterwards)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    torch_child: str = typer.Option(None, hidden=True),
+) -> None:
+    if torch_child:
+        bundle, slots = torch_child.rsplit(":", 1)
+        return torch_step(Path(bundle), int(slots), batch, seq_len, threads, steps)
+
+    from exporter.config import MoEAdapterConfig, parse_tiers
+    from exporter.export import ExportOptions, export_bundle
+
+    tier_list = parse_tiers(tiers, 8)
+    tmp = None if out else tempfile.TemporaryDirectory(prefix="fftmoe-bench-")
+    bundle = out or Path(tmp.name) / "bundle"
+
+    def progress(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr)
+
+    opts = ExportOptions(
+        out=bundle, tiers=tier_list, adapter=MoEAdapterConfig(), model=model, num_labels=4, max_seq_len=max(seq_len, 64),
+        force=True, measure=True, measure_batch=batch, measure_seq_len=seq_len, measure_threads=threads, measure_steps=steps,
+    )  # fmt: skip
+    start = time.perf_counter()
+    manifest, reports = export_bundle(opts, progress)
+    total_export = time.perf_counter() - start
+    from exporter.check import gradient_check
+    from exporter.model import load_encoder
+
+    encoder = load_encoder(model)[0]
+    rows = []
+    for r in reports:
+        print(f"  tier {r.slots}: gradients against PyTorch autograd", file=sys.stderr)
+        grad = gradient_check(bundle, r.slots, encoder=encoder, batch=4, seq_len=24)
+        print(f"  tier {r.slots}: PyTorch eager step", file=sys.stderr)
+        pt = _child([__file__, "--torch-child", f"{bundle}:{r.slots}", "--batch", str(batch), "--seq-len", str(seq_len),
+                     "--threads", str(threads), "--steps", str(steps)], threads)  # fmt: skip
+        files = manifest.tier(r.slots).files
+        rows.append({
+            "tier": r.slots, "trainable_params": r.trainable_params,
+            "export_s": round(r.export_s, 1),
+            "artifact_mb": {k: round(f.size / 1e6, 2) for k, f in files.items()},
+            "ort_step_s": r.step_time_s, "torch_step_s": round(pt["step_time_s"], 4),
+            "step_ratio_ort_over_torch": round(r.step_time_s / pt["step_time_s"], 3),
+            "ort_peak_rss_mb": r.peak_rss_mb, "torch_peak_rss_mb": round(pt["peak_rss_mb"], 1),
+            "rss_ratio_ort_over_torch": round(r.peak_rss_mb / pt["peak_rss_mb"], 3),
+            "worst_relative_gradient_error": float(f"{grad.worst_error:.2e}"),
+        })  # fmt: skip
+    result = {
+        "model": manifest.model.source, "batch": batch, "seq_len": seq_len, "threads": threads, "steps": steps,
+        "total_export_s": round(total_export, 1), "tiers": rows,
+    }  # fmt: skip
+    if tmp:
+        tmp.cleanup()
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"\nmodel {result['model']}, batch {batch} x {seq_len}, {threads} threads, median of {steps} steps")
+    print("tier  params     export_s  ckpt_MB  train_MB  ORT_step  PT_step  ORT/PT  ORT_RSS  PT_RSS  RSS ORT/PT  grad_err")
+    for r in rows:
+        a = r["artifact_mb"]
+        print(
+            f"{r['tier']:>4}  {r['trainable_params']:>9,}  {r['export_s']:>8}  {a['checkpoint']:>7}  {a['training_model']:>8}  "
+            f"{r['ort_step_s']:>8.3f}  {r['torch_step_s']:>7.3f}  {r['step_ratio_ort_over_torch']:>6.2f}  "
+            f"{r['ort_peak_rss_mb']:>7.0f}  {r['torch_peak_rss_mb']:>6.0f}  {r['rss_ratio_ort_over_torch']:>10.2f}  "
+            f"{r['worst_relative_gradient_error']:.1e}"
+        )
+
+
+if __name__ == "__main__":
+    typer.run(main)
