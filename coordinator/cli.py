@@ -30,7 +30,7 @@ def show(
     try:
         m = load_manifest(bundle)
     except BundleError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(3) from None
     if json_out:
         print(json.dumps(m.to_dict(), indent=2))

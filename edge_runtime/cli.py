@@ -38,7 +38,7 @@ def verify(
         if json_out:
             print(json.dumps({"ok": False, "error": kind, "message": str(exc)}))
         else:
-            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(EXIT_INVALID) from None
     tiers = sorted(tier) if tier else sorted(manifest.tiers)
     if json_out:

@@ -56,7 +56,7 @@ def export(
     from exporter.export import ExportOptions, OutputExistsError, export_bundle
     from exporter.model import ModelLoadError, UnsupportedArchitectureError
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         adapter = MoEAdapterConfig(
             num_experts=experts, expert_dim=expert_dim, top_k=top_k, aux_alpha=alpha, aux_beta=beta, seed=seed
