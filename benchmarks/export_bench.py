@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import typer  # noqa: E402
 
 
@@ -35,16 +36,19 @@ def _child(args: list[str], threads: int) -> dict:
 
 def torch_step(bundle: Path, slots: int, batch: int, seq_len: int, threads: int, steps: int) -> None:
     """Child: PyTorch eager AdamW steps of one tier; prints step time and peak RSS as JSON."""
-    import numpy as np
     import torch
 
     from edge_runtime.bundle import load_manifest
-    from edge_runtime.measure import BatchSpec, peak_rss_mb
+    from edge_runtime.measure import BatchSpec, current_rss_mb, peak_rss_mb
     from exporter.check import torch_model
 
     torch.set_num_threads(threads)
+    import transformers  # noqa: F401  # part of what the PyTorch path imports; counted in import_rss_mb
+
+    import_rss = current_rss_mb()
     manifest = load_manifest(bundle)
     model = torch_model(bundle, manifest, slots).train()
+    load_rss = current_rss_mb()
     spec = BatchSpec("text", batch, seq_len, manifest.num_layers, slots, len(manifest.labels), model.encoder.config.vocab_size)
     inputs = [torch.from_numpy(x) for x in spec.make()]
     opt = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-3)
@@ -56,7 +60,7 @@ def torch_step(bundle: Path, slots: int, batch: int, seq_len: int, threads: int,
         opt.step()
         if i:  # the first step is warm-up
             times.append(time.perf_counter() - start)
-    print(json.dumps({"step_time_s": float(np.median(times)), "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"step_time_s": float(np.median(times)), "torch_loaded": True, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss, "load_rss_mb": load_rss}))
 
 
 def main(
@@ -67,6 +71,8 @@ def main(
     threads: int = typer.Option(2, help="Threads for both backends."),
     steps: int = typer.Option(10, help="Timed steps per measurement (median reported; one warm-up step before)."),
     out: Path = typer.Option(None, help="Bundle folder (default: a temporary folder, deleted afterwards)."),
+    bundle_in: Path = typer.Option(None, "--bundle", help="Measure this existing bundle instead of exporting one."),
+    repeats: int = typer.Option(2, help="ORT and PyTorch children per tier, alternating (ORT, PyTorch, ORT, ...); medians reported."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     torch_child: str = typer.Option(None, hidden=True),
 ) -> None:
@@ -78,44 +84,66 @@ def main(
     from exporter.export import ExportOptions, export_bundle
 
     tier_list = parse_tiers(tiers, 8)
-    tmp = None if out else tempfile.TemporaryDirectory(prefix="fftmoe-bench-")
-    bundle = out or Path(tmp.name) / "bundle"
+    tmp = None if (out or bundle_in) else tempfile.TemporaryDirectory(prefix="fftmoe-bench-")
+    bundle = bundle_in or out or Path(tmp.name) / "bundle"
 
     def progress(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr)
 
-    opts = ExportOptions(
-        out=bundle, tiers=tier_list, adapter=MoEAdapterConfig(), model=model, num_labels=4, max_seq_len=max(seq_len, 64),
-        force=True, measure=True, measure_batch=batch, measure_seq_len=seq_len, measure_threads=threads, measure_steps=steps,
-    )  # fmt: skip
-    start = time.perf_counter()
-    manifest, reports = export_bundle(opts, progress)
-    total_export = time.perf_counter() - start
+    export_s: dict[int, float | None] = {t: None for t in tier_list}
+    total_export = None
+    if bundle_in is None:
+        opts = ExportOptions(
+            out=bundle, tiers=tier_list, adapter=MoEAdapterConfig(), model=model, num_labels=4, max_seq_len=max(seq_len, 64),
+            force=True, measure=True, measure_batch=batch, measure_seq_len=seq_len, measure_threads=threads, measure_steps=steps,
+        )  # fmt: skip
+        start = time.perf_counter()
+        _, reports = export_bundle(opts, progress)
+        total_export = round(time.perf_counter() - start, 1)
+        export_s = {r.slots: round(r.export_s, 1) for r in reports}
+    from edge_runtime.bundle import load_manifest
     from exporter.check import gradient_check
     from exporter.model import load_encoder
 
-    encoder = load_encoder(model)[0]
+    manifest = load_manifest(bundle)
+    encoder = load_encoder(model or (manifest.model.source if bundle_in else None))[0]
     rows = []
-    for r in reports:
-        print(f"  tier {r.slots}: gradients against PyTorch autograd", file=sys.stderr)
-        grad = gradient_check(bundle, r.slots, encoder=encoder, batch=4, seq_len=24)
-        print(f"  tier {r.slots}: PyTorch eager step", file=sys.stderr)
-        pt = _child([__file__, "--torch-child", f"{bundle}:{r.slots}", "--batch", str(batch), "--seq-len", str(seq_len),
-                     "--threads", str(threads), "--steps", str(steps)], threads)  # fmt: skip
-        files = manifest.tier(r.slots).files
+    for slots in tier_list:
+        tier = manifest.tier(slots)
+        print(f"  tier {slots}: gradients against PyTorch autograd", file=sys.stderr)
+        grad = gradient_check(bundle, slots, encoder=encoder, batch=4, seq_len=24)
+        ort_runs, pt_runs = [], []
+        for i in range(repeats):  # alternate, so that both backends see the same machine load
+            print(f"  tier {slots}: ORT child {i + 1}/{repeats}, PyTorch child {i + 1}/{repeats}", file=sys.stderr)
+            ort_runs.append(_child(["-m", "edge_runtime.measure", str(bundle / Path(tier.files["checkpoint"].path).parent),
+                                    "--batch-size", str(batch), "--seq-len", str(seq_len), "--num-layers", str(manifest.num_layers),
+                                    "--slots", str(slots), "--num-labels", str(len(manifest.labels)),
+                                    "--vocab-size", str(encoder.config.vocab_size), "--threads", str(threads),
+                                    "--steps", str(steps)], threads))  # fmt: skip
+            pt_runs.append(_child([__file__, "--torch-child", f"{bundle}:{slots}", "--batch", str(batch), "--seq-len", str(seq_len),
+                                   "--threads", str(threads), "--steps", str(steps)], threads))  # fmt: skip
+
+        def med(runs: list[dict], key: str) -> float:
+            return float(np.median([r[key] for r in runs]))
+
+        o_step, p_step = med(ort_runs, "step_time_s"), med(pt_runs, "step_time_s")
+        o_rss, p_rss = med(ort_runs, "peak_rss_mb"), med(pt_runs, "peak_rss_mb")
         rows.append({
-            "tier": r.slots, "trainable_params": r.trainable_params,
-            "export_s": round(r.export_s, 1),
-            "artifact_mb": {k: round(f.size / 1e6, 2) for k, f in files.items()},
-            "ort_step_s": r.step_time_s, "torch_step_s": round(pt["step_time_s"], 4),
-            "step_ratio_ort_over_torch": round(r.step_time_s / pt["step_time_s"], 3),
-            "ort_peak_rss_mb": r.peak_rss_mb, "torch_peak_rss_mb": round(pt["peak_rss_mb"], 1),
-            "rss_ratio_ort_over_torch": round(r.peak_rss_mb / pt["peak_rss_mb"], 3),
+            "tier": slots, "trainable_params": tier.trainable_params, "export_s": export_s.get(slots),
+            "artifact_mb": {k: round(f.size / 1e6, 2) for k, f in tier.files.items()},
+            "ort_step_s": round(o_step, 4), "torch_step_s": round(p_step, 4),
+            "step_ratio_ort_over_torch": round(o_step / p_step, 3),
+            "step_ratios_per_pair": [round(a["step_time_s"] / b["step_time_s"], 3) for a, b in zip(ort_runs, pt_runs)],
+            "ort_peak_rss_mb": round(o_rss, 1), "torch_peak_rss_mb": round(p_rss, 1),
+            "rss_ratio_ort_over_torch": round(o_rss / p_rss, 3),
+            "ort_rss_stages_mb": {k: round(med(ort_runs, f"{k}_rss_mb"), 1) for k in ("import", "load", "peak")},
+            "torch_rss_stages_mb": {k: round(med(pt_runs, f"{k}_rss_mb"), 1) for k in ("import", "load", "peak")},
+            "ort_child_loaded_torch": any(r["torch_loaded"] for r in ort_runs),
             "worst_relative_gradient_error": float(f"{grad.worst_error:.2e}"),
         })  # fmt: skip
     result = {
         "model": manifest.model.source, "batch": batch, "seq_len": seq_len, "threads": threads, "steps": steps,
-        "total_export_s": round(total_export, 1), "tiers": rows,
+        "total_export_s": total_export, "repeats": repeats, "tiers": rows,
     }  # fmt: skip
     if tmp:
         tmp.cleanup()
@@ -132,6 +160,11 @@ def main(
             f"{r['ort_peak_rss_mb']:>7.0f}  {r['torch_peak_rss_mb']:>6.0f}  {r['rss_ratio_ort_over_torch']:>10.2f}  "
             f"{r['worst_relative_gradient_error']:.1e}"
         )
+    print("\nresident memory by stage, MB (import = runtime imported, load = model/sessions loaded, peak = after training)")
+    for r in rows:
+        o, t = r["ort_rss_stages_mb"], r["torch_rss_stages_mb"]
+        print(f"tier {r['tier']}: ORT {o['import']:.0f} / {o['load']:.0f} / {o['peak']:.0f}   "
+              f"PyTorch {t['import']:.0f} / {t['load']:.0f} / {t['peak']:.0f}   ORT child loaded torch: {r['ort_child_loaded_torch']}")
 
 
 if __name__ == "__main__":

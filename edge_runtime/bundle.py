@@ -35,7 +35,14 @@ ROUTER_TENSORS = ("weight", "bias")
 """Tensors of a router: ``weight`` [slots, d], ``bias`` [slots]; one row per expert (slot)."""
 HEAD_TENSORS = ("weight", "bias")
 """Tensors of the classification head: ``weight`` [num_labels, d], ``bias`` [num_labels]."""
-TIER_FILES = ("training_model", "eval_model", "optimizer_model", "checkpoint")
+TIER_FILE_NAMES = {
+    "training_model": "training_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+"""The files of one tier (what ``onnxruntime.training.artifacts.generate_artifacts`` writes), by role."""
+TIER_FILES = tuple(TIER_FILE_NAMES)
 
 # Inputs of the training and eval models, in order. Text encoders take input_ids + attention_mask,
 # vision encoders take pixel_values. Every model also takes labels and the routing target q.
@@ -44,6 +51,11 @@ VISION_INPUTS = ("pixel_values",)
 COMMON_INPUTS = ("labels", "routing_target")
 # Outputs of the training and eval models, in order (the first one is the loss that is differentiated).
 OUTPUTS = ("loss", "logits", "ce_loss", "aux_balance", "aux_hetero", "route_counts", "route_prob_sum")
+
+
+def tier_file_paths(tier_dir: Path) -> dict[str, Path]:
+    """Paths of a tier's artifact files inside ``tier_dir``, by role (``training_model``, ...)."""
+    return {role: Path(tier_dir) / name for role, name in TIER_FILE_NAMES.items()}
 
 
 def global_expert_key(layer: int, expert: int, tensor: str) -> str:
@@ -181,6 +193,14 @@ class Measurement:
     step_time_s: float
     peak_rss_mb: float
     machine: str
+    import_rss_mb: float | None = None
+    """Resident memory after importing the runtime, before loading the tier (the interpreter + ORT's core)."""
+    load_rss_mb: float | None = None
+    """Resident memory after loading the training, eval and optimizer sessions, before the first step."""
+    compute_gflops: float | None = None
+    """fp32 matrix-multiply rate of the measuring machine (edge_runtime.profile.measure_gflops), to scale step times."""
+    torch_loaded: bool = False
+    """Whether torch was in the measuring process (it must not be: a device never loads it for ORT training)."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +254,8 @@ class Manifest:
     inference_model: FileEntry
     tokenizer_files: list[FileEntry] = field(default_factory=list)
     inference_files: list[FileEntry] = field(default_factory=list)
+    encoder_files: list[FileEntry] = field(default_factory=list)
+    """The frozen encoder as a Hugging Face folder (``encoder/``), for the PyTorch backend; ORT devices skip it."""
     created: str = ""
     fftmoe_version: str = ""
     format: str = FORMAT_NAME
@@ -258,7 +280,7 @@ class Manifest:
         return self.tiers[slots]
 
     def all_files(self) -> list[FileEntry]:
-        files = [self.global_pool, self.inference_model, *self.tokenizer_files, *self.inference_files]
+        files = [self.global_pool, self.inference_model, *self.tokenizer_files, *self.inference_files, *self.encoder_files]
         for tier in self.tiers.values():
             files.extend(tier.files.values())
         return files
@@ -341,6 +363,9 @@ class Manifest:
             inference_files=[
                 FileEntry.from_dict(x, f"inference_files[{i}]") for i, x in enumerate(_get(d, "inference_files", list, ""))
             ],
+            encoder_files=[  # optional: bundles written before the PyTorch backend existed lack it
+                FileEntry.from_dict(x, f"encoder_files[{i}]") for i, x in enumerate(_get(d, "encoder_files", list, "") if "encoder_files" in d else [])
+            ],
             created=str(d.get("created", "")),
             fftmoe_version=str(d.get("fftmoe_version", "")),
         )
@@ -383,6 +408,10 @@ def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int) -> Ti
             step_time_s=float(_get(measured_raw, "step_time_s", (int, float), w)),
             peak_rss_mb=float(_get(measured_raw, "peak_rss_mb", (int, float), w)),
             machine=_get(measured_raw, "machine", str, w),
+            import_rss_mb=_optional_float(measured_raw, "import_rss_mb", w),
+            load_rss_mb=_optional_float(measured_raw, "load_rss_mb", w),
+            compute_gflops=_optional_float(measured_raw, "compute_gflops", w),
+            torch_loaded=bool(measured_raw.get("torch_loaded", False)),
         )
     return Tier(
         slots=slots,
@@ -395,6 +424,15 @@ def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int) -> Ti
         trainable_bytes=_get(d, "trainable_bytes", int, where),
         measured=measured,
     )
+
+
+def _optional_float(d: dict[str, Any], key: str, where: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ManifestError(f"manifest field '{where}.{key}' must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _named_from_dict(p: Any, where: str) -> NamedParam:
@@ -438,10 +476,15 @@ def verify_files(bundle_dir: Path | str, entries: list[FileEntry]) -> None:
             raise IntegrityError(f"{full}: sha256 {actual} differs from the manifest's {entry.sha256}: the file was changed")
 
 
-def verify_bundle(bundle_dir: Path | str, tiers: list[int] | None = None) -> Manifest:
-    """Validate the manifest and verify the hashes of the shared files and of the given tiers (all if None)."""
+def verify_bundle(bundle_dir: Path | str, tiers: list[int] | None = None, encoder: bool = True) -> Manifest:
+    """Validate the manifest and verify the hashes of the shared files and of the given tiers (all if None).
+
+    ``encoder=False`` skips the ``encoder/`` folder, which only the PyTorch backend reads.
+    """
     manifest = load_manifest(bundle_dir)
     entries = [manifest.global_pool, manifest.inference_model, *manifest.tokenizer_files, *manifest.inference_files]
+    if encoder:
+        entries.extend(manifest.encoder_files)
     for slots in sorted(manifest.tiers) if tiers is None else tiers:
         entries.extend(manifest.tier(slots).files.values())
     verify_files(bundle_dir, entries)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from edge_runtime.ort_backend import OrtTierSession
+from edge_runtime.bundle import tier_file_paths
+from edge_runtime.ort_backend import OrtTierSession, import_training_api
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,43 @@ class BatchSpec:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process's own address space so far, in MB.
+
+    On Linux this is ``VmHWM`` from /proc/self/status, not ``ru_maxrss``: ru_maxrss survives fork and exec, so a
+    child started by a large parent (the exporter, holding torch and the model) would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MB (from /proc on Linux, psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / (1024 * 1024)
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
 def measure_tier(files: dict[str, Path], spec: BatchSpec, threads: int, steps: int, warmup: int = 1) -> dict[str, float]:
-    """Train ``warmup + steps`` steps on one synthetic batch; return median step time (s) and peak RSS (MB)."""
+    """Train ``warmup + steps`` steps on one synthetic batch.
+
+    Returns the median step time (s), the peak RSS (MB) and the RSS at two stages, so that the peak can be
+    attributed: after importing the runtime (``import_rss_mb``) and after loading the sessions (``load_rss_mb``).
+    """
+    import_training_api()
+    import_rss = current_rss_mb()
     session = OrtTierSession(files, threads=threads)
+    load_rss = current_rss_mb()
     batch = spec.make()
     for _ in range(warmup):
         session.train_step(batch)
@@ -62,7 +92,7 @@ def measure_tier(files: dict[str, Path], spec: BatchSpec, threads: int, steps: i
         start = time.perf_counter()
         session.train_step(batch)
         times.append(time.perf_counter() - start)
-    return {"step_time_s": float(np.median(times)), "peak_rss_mb": peak_rss_mb()}
+    return {"step_time_s": float(np.median(times)), "peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss, "load_rss_mb": load_rss}
 
 
 def main(
@@ -79,14 +109,12 @@ def main(
     steps: int = typer.Option(5),
 ) -> None:
     """Print one JSON line: step_time_s, peak_rss_mb and the reference batch."""
-    files = {k: tier_dir / n for k, n in (
-        ("training_model", "training_model.onnx"),
-        ("eval_model", "eval_model.onnx"),
-        ("optimizer_model", "optimizer_model.onnx"),
-        ("checkpoint", "checkpoint"),
-    )}
+    files = tier_file_paths(tier_dir)
     spec = BatchSpec(modality, batch_size, seq_len, num_layers, slots, num_labels, vocab_size, image_size)
     result = measure_tier(files, spec, threads, steps)
+    from edge_runtime.profile import measure_gflops
+
+    result["compute_gflops"] = measure_gflops(1.0)
     result.update(asdict(spec), threads=threads, steps=steps, machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
                   torch_loaded="torch" in sys.modules)
     print(json.dumps(result))

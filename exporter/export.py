@@ -37,6 +37,7 @@ from exporter.onnx_export import OPSET, example_inputs, export_inference_model, 
 GLOBAL_POOL_FILE = "global_pool.safetensors"
 INFERENCE_DIR = "inference"
 TOKENIZER_DIR = "tokenizer"
+ENCODER_DIR = "encoder"
 
 
 class OutputExistsError(FileExistsError):
@@ -136,6 +137,8 @@ def _measure(tier_dir: Path, opts: ExportOptions, model: FFTMoEModel, image_size
     return Measurement(
         batch_size=r["batch_size"], seq_len=r["seq_len"], threads=r["threads"], steps=r["steps"],
         step_time_s=round(r["step_time_s"], 4), peak_rss_mb=round(r["peak_rss_mb"], 1), machine=r["machine"],
+        import_rss_mb=round(r["import_rss_mb"], 1), load_rss_mb=round(r["load_rss_mb"], 1), torch_loaded=r["torch_loaded"],
+        compute_gflops=round(r["compute_gflops"], 2),
     )  # fmt: skip
 
 
@@ -197,6 +200,10 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
         (stage / TOKENIZER_DIR).mkdir()
         preprocessor.save_pretrained(stage / TOKENIZER_DIR)
         tokenizer_files = [FileEntry.of(stage, p.relative_to(stage).as_posix()) for p in sorted((stage / TOKENIZER_DIR).iterdir())]
+        # The frozen encoder as a Hugging Face folder: what the PyTorch backend (ARM boards without ORT training) loads.
+        encoder.save_pretrained(stage / ENCODER_DIR, safe_serialization=True)
+        preprocessor.save_pretrained(stage / ENCODER_DIR)
+        encoder_files = [FileEntry.of(stage, p.relative_to(stage).as_posix()) for p in sorted((stage / ENCODER_DIR).iterdir())]
 
         tiers: dict[int, Tier] = {}
         reports: list[TierReport] = []
@@ -238,7 +245,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
             aux_alpha=opts.adapter.aux_alpha, aux_beta=opts.adapter.aux_beta, pooling=arch.pooling, opset=OPSET,
             tiers=tiers, global_pool=FileEntry.of(stage, GLOBAL_POOL_FILE),
             inference_model=FileEntry.of(stage, f"{INFERENCE_DIR}/model.onnx"),
-            tokenizer_files=tokenizer_files, inference_files=inference_files,
+            tokenizer_files=tokenizer_files, inference_files=inference_files, encoder_files=encoder_files,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), fftmoe_version=_version(),
         )  # fmt: skip
         manifest.save(stage)

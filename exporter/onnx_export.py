@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from edge_runtime.bundle import OUTPUTS, TIER_FILES
+from edge_runtime.bundle import OUTPUTS, TIER_FILES, tier_file_paths
 from exporter.model import FFTMoEModel
 
 OPSET = 16
@@ -139,12 +139,7 @@ def generate_tier_artifacts(model: FFTMoEModel, inputs: tuple[torch.Tensor, ...]
             artifact_directory=str(out_dir),
         )
     forward_path.unlink()
-    files = {
-        "training_model": out_dir / "training_model.onnx",
-        "eval_model": out_dir / "eval_model.onnx",
-        "optimizer_model": out_dir / "optimizer_model.onnx",
-        "checkpoint": out_dir / "checkpoint",
-    }
+    files = tier_file_paths(out_dir)
     for key in TIER_FILES:
         if not files[key].is_file():
             raise ExportError(f"generate_artifacts did not write {files[key]}")
