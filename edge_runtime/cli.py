@@ -1,4 +1,4 @@
-"""``fftmoe-edge``: the device side. So far: verify a bundle's files before training from it."""
+"""``fftmoe-edge``: the device side: profile the device, verify a bundle, train a tier locally, evaluate."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
-from edge_runtime.bundle import BundleError, IntegrityError, verify_bundle
+from edge_runtime.bundle import BundleError, IntegrityError, load_manifest, verify_bundle
 
 EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_ARGS = 2
 EXIT_INVALID = 3
+EXIT_NO_FIT = 5
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
@@ -45,6 +50,375 @@ def verify(
         print(json.dumps({"ok": True, "bundle": str(bundle), "tiers": tiers}))
     else:
         Console().print(f"ok: {bundle} ({manifest.model.model_type}, tiers {', '.join(map(str, tiers))} verified)", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared option handling
+
+
+def _err() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int, json_out: bool = False, kind: str = "error") -> None:
+    if json_out:
+        print(json.dumps({"ok": False, "error": kind, "message": message}))
+    else:
+        _err().print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _device(device: Optional[str], compute_seconds: float = 1.0):
+    from devices import ProfileError, load_profile
+    from edge_runtime.profile import measure_device
+
+    if device is None:
+        return measure_device(compute_seconds)
+    try:
+        return load_profile(device)
+    except ProfileError as exc:
+        _fail(str(exc), EXIT_BAD_ARGS)
+
+
+def _profile_dict(dev) -> dict:
+    return {
+        "name": dev.name, "description": dev.description, "arch": dev.arch, "cores": dev.cores,
+        "max_freq_mhz": round(dev.max_freq_mhz), "memory_total_mb": round(dev.memory_total_mb),
+        "memory_available_mb": round(dev.memory_available_mb), "compute_gflops": round(dev.compute_gflops, 2),
+        "ort_training": dev.ort_training_wheel, "source": "measured" if dev.measured else "profile",
+    }  # fmt: skip
+
+
+def _choice_dict(choice) -> dict:
+    return {
+        "tier": choice.slots, "batch_size": choice.batch_size, "backend": choice.backend,
+        "budget_mb": round(choice.budget_mb), "reason": choice.reason,
+        "estimates": [
+            {"tier": e.slots, "batch_size": e.batch_size, "memory_mb": None if e.memory_mb is None else round(e.memory_mb),
+             "step_time_s": None if e.step_time_s is None else round(e.step_time_s, 3), "fits": e.fits, "reason": e.reason}
+            for e in choice.estimates
+        ],
+    }  # fmt: skip
+
+
+BUNDLE_HELP = "Bundle folder written by fftmoe-export."
+DEVICE_HELP = "Use a board profile instead of measuring this machine: a name (see docs/devices.md, e.g. rpi-4-4gb) or a .json file."
+MAX_MEMORY_HELP = "Cap the memory budget (MB) below what is available, e.g. to leave room for other programs."
+BACKEND_HELP = "Training backend: auto (ONNX Runtime where its training API imports, else PyTorch), ort or torch."
+
+
+@app.command(epilog="Exit codes: 0 done; 2 invalid arguments; 3 invalid bundle; 5 no tier of the bundle fits this device.")
+def profile(
+    bundle: Optional[Path] = typer.Option(None, help=BUNDLE_HELP + " With it, also say which tier this device would train and why."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    max_memory: Optional[float] = typer.Option(None, help=MAX_MEMORY_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    batch_size: int = typer.Option(16, help="Batch size to plan for (halved down to 4 when no tier fits at it)."),
+    compute_seconds: float = typer.Option(1.0, help="How long to measure the compute rate (matrix multiplies), seconds."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Measure this device's memory, cores and compute (or read a board profile) and, with --bundle, choose a tier.
+
+    A tier's expected memory and step time are scaled from the figures the exporter measured; the largest tier whose
+    memory fits the budget (available memory less a 15% safety margin) is chosen. The rule is in docs/edge-runtime.md.
+    """
+    from edge_runtime.backends import resolve_backend
+    from edge_runtime.bundle import load_manifest
+    from edge_runtime.profile import SAFETY_MARGIN, TierChoiceError, choose_tier
+
+    dev = _device(device, compute_seconds)
+    out: dict = {"ok": True, "device": _profile_dict(dev)}
+    choice_error = None
+    if bundle is not None:
+        try:
+            manifest = load_manifest(bundle)
+        except BundleError as exc:
+            _fail(str(exc), EXIT_INVALID, json_out, "manifest")
+        if device is not None:
+            backend_name = "ort" if (dev.ort_training_wheel and backend != "torch") else "torch"
+            why = "profile: " + ("ONNX Runtime training wheel exists" if backend_name == "ort" else "no ONNX Runtime training wheel, PyTorch")
+        else:
+            try:
+                backend_name, why = resolve_backend(backend)
+            except (ValueError, RuntimeError) as exc:
+                _fail(str(exc), EXIT_BAD_ARGS, json_out)
+        try:
+            choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory)
+            out["choice"] = _choice_dict(choice)
+            out["backend_reason"] = why
+        except TierChoiceError as exc:
+            choice_error = str(exc)
+            out.update(ok=False, error="no_fit", message=choice_error)
+    if json_out:
+        print(json.dumps(out, indent=2))
+    else:
+        con = Console()
+        d = out["device"]
+        table = Table(title=f"device: {d['name']} ({d['source']})", show_header=False)
+        for key, label in (("description", "system"), ("arch", "architecture"), ("cores", "cores"),
+                           ("max_freq_mhz", "max frequency, MHz"), ("memory_total_mb", "memory total, MB"),
+                           ("memory_available_mb", "memory available, MB"), ("compute_gflops", "fp32 matmul, GFLOP/s"),
+                           ("ort_training", "ONNX Runtime training")):  # fmt: skip
+            table.add_row(label, str(d[key]))
+        con.print(table)
+        if "choice" in out:
+            c = out["choice"]
+            t = Table(title=f"tiers (backend {c['backend']}, budget {c['budget_mb']} MB = available less {SAFETY_MARGIN:.0%})")
+            for col in ("tier", "batch", "expected MB", "expected step s", "fits"):
+                t.add_column(col, justify="right")
+            for e in c["estimates"]:
+                t.add_row(str(e["tier"]), str(e["batch_size"]), str(e["memory_mb"]), str(e["step_time_s"]), "yes" if e["fits"] else "no")
+            con.print(t)
+            con.print(f"chosen: tier {c['tier']}, batch {c['batch_size']} — {c['reason']}", highlight=False)
+        if choice_error:
+            _err().print(f"[red]no tier fits:[/red] {choice_error}", highlight=False)
+    if choice_error:
+        raise typer.Exit(EXIT_NO_FIT)
+
+
+def _load_data(manifest, bundle: Path, data: Path, text_column: list[str], label_column: str, label_map: Optional[str],
+               skip_bad_rows: bool, json_out: bool):  # fmt: skip
+    from edge_runtime.data import DataError, DataSpec, load_examples, parse_label_map
+
+    if manifest.model.modality != "text":
+        _fail(f"{bundle}: a {manifest.model.modality} bundle; local data files are text classification only for now", EXIT_BAD_ARGS, json_out)
+    try:
+        spec = DataSpec(tuple(text_column), label_column, parse_label_map(label_map), skip_bad_rows=skip_bad_rows)
+        return load_examples(data, spec, manifest.labels)
+    except DataError as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out, "data")
+
+
+TEXT_COLUMN_HELP = "Column(s) holding the text; repeat to join several (e.g. --text-column title --text-column description)."
+LABEL_MAP_HELP = "Map data label values to the bundle's labels, e.g. 1=World,2=Sports,3=Business,4=Sci/Tech."
+
+
+@app.command(epilog="Exit codes: 0 done; 1 training failed; 2 invalid arguments or data; 3 invalid bundle or state; "
+                    "5 no tier fits this device; 130 interrupted (state saved; continue with --resume).")  # fmt: skip
+def train(
+    bundle: Path = typer.Option(..., help=BUNDLE_HELP),
+    data: Path = typer.Option(..., help="Training data: .csv, .tsv, .jsonl or .parquet with a text and a label column."),
+    out: Path = typer.Option(Path("runs/edge-train"), help="Run folder: resumable state, the update, the trained inference model, history.png."),
+    text_column: list[str] = typer.Option(["text"], help=TEXT_COLUMN_HELP),
+    label_column: str = typer.Option("label", help="Column holding the label."),
+    label_map: Optional[str] = typer.Option(None, help=LABEL_MAP_HELP),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed rows instead of stopping at the first."),
+    eval_data: Optional[Path] = typer.Option(None, help="Held-out data file (same columns); default: --eval-fraction of --data."),
+    eval_fraction: float = typer.Option(0.1, help="Share of --data held out for evaluation when --eval-data is not given (0 turns it off)."),
+    epochs: int = typer.Option(1, help="Passes over the training data."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total."),
+    batch_size: int = typer.Option(16, help="Examples per step (lowered automatically if the chosen tier needs it)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    seed: int = typer.Option(0, help="Seed of the data order and of the hold-out split."),
+    tier: Optional[int] = typer.Option(None, help="Train this tier instead of the largest that fits (no memory check)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    max_memory: Optional[float] = typer.Option(None, help=MAX_MEMORY_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, help="Compute threads (default: all cores)."),
+    save_every: int = typer.Option(200, help="Also save the state every this many steps (0: only per epoch and on Ctrl-C)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (same bundle, tier, batch size and seed)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bars)."),
+) -> None:
+    """Fine-tune a tier of the bundle's experts on local data, without a server.
+
+    Picks the largest tier that fits this device (or --tier), loads global experts 0..t-1 into the slots, trains
+    with ONNX Runtime (PyTorch where ORT training is unavailable), evaluates after each epoch, and writes
+    OUT/update.safetensors, OUT/model/ (ONNX inference model) and OUT/history.png. Ctrl-C saves the state.
+    """
+    import signal
+
+    from safetensors.numpy import load_file
+
+    from edge_runtime.backends import resolve_backend
+    from edge_runtime.data import TextEncoder, encode_examples
+    from edge_runtime.local import StateError, train_local
+    from edge_runtime.profile import TierChoiceError, choose_tier
+    from edge_runtime.session import TierSession, TrainConfig, TrainingError
+    from edge_runtime.update import default_assignment
+
+    err = _err()
+    try:
+        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, seed=seed)
+        backend_name, backend_why = resolve_backend(backend)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out)
+    except RuntimeError as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out, "backend")
+    try:
+        manifest = load_manifest(bundle)
+    except BundleError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "manifest")
+    examples = _load_data(manifest, bundle, data, text_column, label_column, label_map, skip_bad_rows, json_out)
+    if eval_data is not None:
+        held = _load_data(manifest, bundle, eval_data, text_column, label_column, label_map, skip_bad_rows, json_out)
+        train_ex = examples
+    elif eval_fraction > 0:
+        from edge_runtime.data import DataError
+
+        try:
+            train_ex, held = examples.split(eval_fraction, seed)
+        except DataError as exc:
+            _fail(str(exc), EXIT_BAD_ARGS, json_out, "data")
+    else:
+        train_ex, held = examples, None
+    if not json_out:
+        if backend_name != "ort" or backend != "auto":
+            err.print(f"backend: {backend_why}", highlight=False)
+        if examples.skipped:
+            err.print(f"[yellow]skipped {len(examples.skipped)} malformed row(s)[/yellow], first: {examples.skipped[0]}", highlight=False)
+    dev = _device(device)
+    try:
+        choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory, tier)
+    except TierChoiceError as exc:
+        _fail(str(exc), EXIT_NO_FIT, json_out, "no_fit")
+    except BundleError as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out)
+    if choice.batch_size != config.batch_size:
+        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=choice.batch_size, learning_rate=lr, seed=seed)
+    if not json_out:
+        err.print(f"tier {choice.slots}, batch {config.batch_size}: {choice.reason}", highlight=False)
+    try:
+        session = TierSession(bundle, manifest, choice.slots, backend_name, threads)
+        pool = load_file(str(bundle / manifest.global_pool.path))
+        session.load(pool, default_assignment(manifest, choice.slots))
+    except BundleError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "integrity")
+    encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
+    train_enc = encode_examples(train_ex, encoder)
+    eval_enc = encode_examples(held, encoder) if held is not None else None
+
+    stop = {"requested": False}
+
+    def on_sigint(_sig, _frame) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        err.print("\nstopping after this step and saving the state (Ctrl-C again to abort without saving)", highlight=False)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    per_epoch = (len(train_enc) + config.batch_size - 1) // config.batch_size
+    try:
+        if json_out:
+            state = train_local(session, bundle, out, train_enc, eval_enc, config, resume, save_every,
+                                should_stop=lambda: stop["requested"])  # fmt: skip
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                          TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False) as bar:  # fmt: skip
+                tasks: dict[int, int] = {}
+
+                def on_step(r) -> None:
+                    if r.epoch not in tasks:
+                        tasks[r.epoch] = bar.add_task(f"epoch {r.epoch + 1}/{config.epochs}", total=r.batches_per_epoch,
+                                                      completed=r.batch_in_epoch - 1, loss="-")  # fmt: skip
+                    bar.update(tasks[r.epoch], completed=r.batch_in_epoch, loss=f"{r.loss:.4f}")
+
+                def on_epoch(h) -> None:
+                    acc = f", eval accuracy {h['eval_accuracy']:.4f}, eval loss {h['eval_loss']:.4f}" if "eval_accuracy" in h else ""
+                    bar.console.print(f"epoch {int(h['epoch'])}: train loss {h['train_loss']:.4f}{acc} ({h['seconds']:.0f} s)", highlight=False)
+
+                state = train_local(session, bundle, out, train_enc, eval_enc, config, resume, save_every,
+                                    on_step=on_step, on_epoch=on_epoch, should_stop=lambda: stop["requested"])  # fmt: skip
+    except StateError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "state")
+    except TrainingError as exc:
+        _fail(f"{exc}; the state saved before is in {out}", EXIT_FAILED, json_out, "training")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    result = {
+        "ok": True, "finished": state.finished, "tier": choice.slots, "backend": backend_name, "batch_size": config.batch_size,
+        "train_examples": len(train_enc), "eval_examples": len(eval_enc) if eval_enc is not None else 0,
+        "skipped_rows": len(examples.skipped), "steps": state.step, "epochs_done": state.epoch, "history": state.history,
+        "out": str(out), "batches_per_epoch": per_epoch,
+    }  # fmt: skip
+    if not state.finished:
+        result.update(ok=False, error="interrupted", message=f"state saved in {out}; continue with --resume")
+        if json_out:
+            print(json.dumps(result))
+        else:
+            err.print(f"interrupted at epoch {state.epoch + 1}, batch {state.batch_in_epoch}: state saved in {out}; continue with --resume",
+                      highlight=False)  # fmt: skip
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        Console().print(f"done: {out}/update.safetensors, {out}/model/ (ONNX inference model), {out}/history.png", highlight=False)
+
+
+@app.command(epilog="Exit codes: 0 done; 2 invalid arguments or data; 3 invalid bundle.")
+def evaluate(
+    bundle: Path = typer.Option(..., help=BUNDLE_HELP),
+    data: Path = typer.Option(..., help="Data file to evaluate on (.csv, .tsv, .jsonl, .parquet)."),
+    weights: Optional[Path] = typer.Option(None, help="A run folder of `fftmoe-edge train` (its weights and tier) or an update file; default: the bundle's initial weights."),
+    tier: Optional[int] = typer.Option(None, help="Tier to evaluate with when --weights is not given (default: the smallest)."),
+    text_column: list[str] = typer.Option(["text"], help=TEXT_COLUMN_HELP),
+    label_column: str = typer.Option("label", help="Column holding the label."),
+    label_map: Optional[str] = typer.Option(None, help=LABEL_MAP_HELP),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed rows."),
+    batch_size: int = typer.Option(64, help="Examples per evaluation batch."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, help="Compute threads (default: all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Accuracy and cross-entropy of a tier on a data file, with the bundle's eval model."""
+    from safetensors.numpy import load_file
+
+    from edge_runtime.backends import resolve_backend
+    from edge_runtime.data import TextEncoder, encode_examples
+    from edge_runtime.local import STATE_FILE, WEIGHTS_FILE
+    from edge_runtime.session import TierSession
+    from edge_runtime.update import Update, UpdateError, default_assignment, router_rows_key
+
+    try:
+        backend_name, _ = resolve_backend(backend)
+        manifest = load_manifest(bundle)
+    except BundleError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "manifest")
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out)
+    examples = _load_data(manifest, bundle, data, text_column, label_column, label_map, skip_bad_rows, json_out)
+    values = None
+    if weights is not None and (weights / STATE_FILE).is_file():
+        state = json.loads((weights / STATE_FILE).read_text())
+        tier, assignment, values = int(state["tier"]), state["assignment"], load_file(str(weights / WEIGHTS_FILE))
+    elif weights is not None:
+        try:
+            upd = Update.load(weights).validate(manifest)
+        except UpdateError as exc:
+            _fail(str(exc), EXIT_INVALID, json_out, "update")
+        tier, assignment = upd.tier, upd.assignment
+    else:
+        tier = tier or min(manifest.tiers)
+        assignment = default_assignment(manifest, tier)
+    try:
+        session = TierSession(bundle, manifest, tier, backend_name, threads)
+        session.load(load_file(str(bundle / manifest.global_pool.path)), assignment)
+    except BundleError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "integrity")
+    if values is not None:
+        session.set_values(values)
+    elif weights is not None:  # an update: its experts, router rows and head replace the pool's
+        from edge_runtime.bundle import global_expert_key, global_head_key
+
+        vals = session.values()
+        t = session.tier
+        for p in t.slot_params:
+            vals[p.name] = upd.tensors[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)]
+        for p in t.router_params:
+            vals[p.name] = upd.tensors[router_rows_key(p.layer, p.tensor)]
+        for p in t.head_params:
+            vals[p.name] = upd.tensors[global_head_key(p.tensor)]
+        session.set_values(vals)
+    encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
+    metrics = session.evaluate(encode_examples(examples, encoder), batch_size)
+    result = {"ok": True, "tier": tier, "backend": backend_name, "examples": int(metrics["examples"]),
+              "accuracy": metrics["accuracy"], "loss": metrics["loss"], "skipped_rows": len(examples.skipped)}  # fmt: skip
+    if json_out:
+        print(json.dumps(result))
+    else:
+        Console().print(f"tier {tier}: accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {result['examples']} examples",
+                        highlight=False)  # fmt: skip
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``fftmoe-edge verify`` on an intact and a tampered bundle."""
+"""``fftmoe-edge``: verify, profile, train (with Ctrl-C and --resume) and evaluate, as a user runs them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from edge_runtime.cli import EXIT_INVALID, app
+from edge_runtime.cli import EXIT_BAD_ARGS, EXIT_INVALID, EXIT_NO_FIT, app
 
 runner = CliRunner()
 
@@ -25,3 +26,117 @@ def test_verify_reports_ok_then_names_the_tampered_file(tiny_bundle: Path, tmp_p
     assert bad.exit_code == EXIT_INVALID
     report = json.loads(bad.stdout)
     assert report["error"] == "integrity" and "t4/training_model.onnx" in report["message"]
+
+
+# -- profile, train, evaluate -----------------------------------------------------------------------------------
+
+WORDS = ["the", "news", "game", "market", "team", "stock", "win", "rise", "fall", "world"]
+LABEL_MAP = "1=world,2=sports,3=business"
+
+
+def tiny_csv(path: Path, n: int = 40, bad_line: bool = False) -> Path:
+    import random
+
+    rnd = random.Random(0)
+    rows = ["label,title,description"]
+    for i in range(n):
+        rows.append(f"{1 + i % 3},{' '.join(rnd.choices(WORDS, k=3))},{' '.join(rnd.choices(WORDS, k=5))}")
+    if bad_line:
+        rows.insert(5, "2,only-two-fields")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_profile_measures_or_reads_a_board(tiny_bundle: Path) -> None:
+    measured = runner.invoke(app, ["profile", "--json", "--compute-seconds", "0.2"])
+    assert measured.exit_code == 0, measured.output
+    dev = json.loads(measured.stdout)["device"]
+    assert dev["source"] == "measured" and dev["cores"] >= 1 and dev["compute_gflops"] > 0
+    assert 0 < dev["memory_available_mb"] <= dev["memory_total_mb"]
+    board = json.loads(runner.invoke(app, ["profile", "--json", "--device", "rpi-4-4gb"]).stdout)["device"]
+    assert board["source"] == "profile" and board["name"] == "rpi-4-4gb" and board["ort_training"] is False
+    # The tiny bundle was exported without measurements: no basis for a choice, and the reply says what to do.
+    none = runner.invoke(app, ["profile", "--json", "--device", "rpi-4-4gb", "--bundle", str(tiny_bundle)])
+    assert none.exit_code == EXIT_NO_FIT and "--tier" in json.loads(none.stdout)["message"]
+    unknown = runner.invoke(app, ["profile", "--device", "no-such-board"])
+    assert unknown.exit_code == EXIT_BAD_ARGS and "rpi-4-4gb" in unknown.output
+
+
+def test_train_then_evaluate_the_run_and_its_update(tiny_bundle: Path, tmp_path: Path) -> None:
+    data, out = tiny_csv(tmp_path / "d.csv"), tmp_path / "run"
+    args = ["--bundle", str(tiny_bundle), "--data", str(data), "--text-column", "title", "--text-column", "description",
+            "--label-map", LABEL_MAP]  # fmt: skip
+    res = runner.invoke(app, ["train", *args, "--tier", "2", "--epochs", "2", "--batch-size", "8", "--lr", "0.01",
+                              "--out", str(out), "--json", "--threads", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["finished"] and report["tier"] == 2 and report["backend"] == "ort"
+    assert (report["train_examples"], report["eval_examples"]) == (37, 3)  # a stratified 10% hold-out: 1 of each label
+    assert report["steps"] == 10 and [h["epoch"] for h in report["history"]] == [1, 2]
+    for name in ("update.safetensors", "state.json", "weights.safetensors", "history.png", "model/model.onnx"):
+        assert (out / name).exists(), name
+    by_run = json.loads(runner.invoke(app, ["evaluate", *args, "--weights", str(out), "--json"]).stdout)
+    by_update = json.loads(runner.invoke(app, ["evaluate", *args, "--weights", str(out / "update.safetensors"), "--json"]).stdout)
+    initial = json.loads(runner.invoke(app, ["evaluate", *args, "--tier", "2", "--json"]).stdout)
+    assert by_run["examples"] == 40 and by_run["tier"] == 2
+    assert by_run["accuracy"] == by_update["accuracy"] and by_run["loss"] == pytest.approx(by_update["loss"], rel=1e-6)
+    assert by_run["loss"] != pytest.approx(initial["loss"], rel=1e-6)  # the trained weights were used
+
+
+def test_train_names_a_malformed_row_and_can_skip_it(tiny_bundle: Path, tmp_path: Path) -> None:
+    data = tiny_csv(tmp_path / "d.csv", bad_line=True)
+    args = ["train", "--bundle", str(tiny_bundle), "--data", str(data), "--text-column", "title", "--label-map", LABEL_MAP,
+            "--tier", "1", "--max-steps", "1", "--out", str(tmp_path / "run"), "--json"]  # fmt: skip
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == EXIT_BAD_ARGS
+    assert f"{data}:6: 2 fields, the header has 3" in json.loads(bad.stdout)["message"]
+    ok = runner.invoke(app, [*args, "--skip-bad-rows"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["skipped_rows"] == 1
+    wrong = runner.invoke(app, [*[a if a != LABEL_MAP else "1=world" for a in args], "--skip-bad-rows"])
+    assert wrong.exit_code == EXIT_BAD_ARGS and "bundle labels: ['world', 'sports', 'business']" in json.loads(wrong.stdout)["message"]
+
+
+def test_torch_backend_trains_from_the_same_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    data = tiny_csv(tmp_path / "d.csv")
+    res = runner.invoke(app, ["train", "--bundle", str(tiny_bundle), "--data", str(data), "--text-column", "title",
+                              "--label-map", LABEL_MAP, "--tier", "2", "--max-steps", "2", "--backend", "torch",
+                              "--out", str(tmp_path / "run"), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["backend"] == "torch"
+    from edge_runtime.bundle import load_manifest
+    from edge_runtime.update import Update
+
+    Update.load(tmp_path / "run" / "update.safetensors").validate(load_manifest(tiny_bundle))
+
+
+def test_ctrl_c_saves_the_state_and_resume_finishes(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The real console script, interrupted with SIGINT as a user's Ctrl-C, then resumed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, out = tiny_csv(tmp_path / "d.csv"), tmp_path / "run"
+    exe = Path(sys.executable).parent / "fftmoe-edge"
+    base = [str(exe), "train", "--bundle", str(tiny_bundle), "--data", str(data), "--text-column", "title",
+            "--label-map", LABEL_MAP, "--tier", "2", "--batch-size", "4", "--out", str(out), "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen([*base, "--epochs", "500", "--save-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, COLUMNS="200"))  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert (out / "state.json").exists(), proc.stderr.read() if proc.poll() is not None else "no state after 300 s"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "continue with --resume" in stderr
+    state = json.loads((out / "state.json").read_text())
+    assert not state["finished"] and state["step"] >= 1
+    assert not (out / "update.safetensors").exists()
+    finish = subprocess.run([*base, "--epochs", str(state["epoch"] + 1), "--resume", "--json"], capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    done = json.loads(finish.stdout)
+    assert done["finished"] and done["steps"] > state["step"] and done["epochs_done"] == state["epoch"] + 1
+    assert (out / "update.safetensors").exists()

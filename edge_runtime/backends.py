@@ -1,0 +1,220 @@
+"""Training backends for one tier: ONNX Runtime's on-device training API (default) and PyTorch (fallback).
+
+Both expose the same small interface over the tier's trainable tensors, named as in the manifest (the ONNX
+parameter names, which are also the PyTorch parameter names), and both run the same math: the training
+model's loss (cross-entropy + alpha L_bal + beta L_het) and ONNX Runtime's AdamW (``OrtAdamW`` reproduces it in PyTorch).
+
+The backend is chosen once, when the session is opened (``open_backend``); nothing switches later.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edge_runtime.bundle import BundleError, Manifest
+from edge_runtime.ort_backend import BackendUnavailableError, OrtTierSession, import_training_api
+
+# AdamW as ``onnxruntime.training.artifacts.generate_artifacts(optimizer=OptimType.AdamW)`` builds it
+# (onnxblock.optim.AdamW defaults, ``adam_mode=1``: the Hugging Face formulation); the PyTorch backend runs the same.
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-6
+ADAMW_WEIGHT_DECAY = 0.0
+
+
+class OrtAdamW:
+    """ONNX Runtime's AdamW, mode 1 (``AdamWOptimizer`` kernel): bias correction folded into the learning rate,
+    epsilon added to sqrt(v) before that correction, weight decay after the update.
+
+    ``torch.optim.AdamW`` adds epsilon after the correction instead; for gradients near epsilon the two steps
+    differ by most of the learning rate, so the PyTorch backend uses this to train exactly as ORT does.
+    """
+
+    def __init__(self, params: list, lr: float = 1e-3) -> None:
+        import torch
+
+        self.params = params
+        self.lr = lr
+        self.step_count = 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        b1, b2 = ADAMW_BETAS
+        self.step_count += 1
+        lr_corrected = self.lr * (1.0 - b2**self.step_count) ** 0.5 / (1.0 - b1**self.step_count)
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                if p.grad is None:
+                    continue
+                m.mul_(b1).add_(p.grad, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
+                p.sub_(lr_corrected * m / (v.sqrt() + ADAMW_EPS))
+                if ADAMW_WEIGHT_DECAY:
+                    p.sub_(self.lr * ADAMW_WEIGHT_DECAY * p)
+BACKENDS = ("auto", "ort", "torch")
+
+
+class TierBackend(Protocol):
+    """What a training session needs from a backend."""
+
+    name: str
+
+    def trainable_names(self) -> list[str]: ...
+    def get(self, name: str) -> np.ndarray: ...
+    def set(self, name: str, value: np.ndarray) -> None: ...
+    def set_learning_rate(self, lr: float) -> None: ...
+    def train_step(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+    def evaluate(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+    def loss_only(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OrtBackend:
+    """ONNX Runtime training API on the tier's artifacts; never imports torch."""
+
+    name = "ort"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, slots: int, threads: int | None = None) -> None:
+        files = {k: Path(bundle_dir) / f.path for k, f in manifest.tier(slots).files.items()}
+        self.session = OrtTierSession(files, threads=threads)
+
+    def trainable_names(self) -> list[str]:
+        return self.session.trainable_names
+
+    def get(self, name: str) -> np.ndarray:
+        return self.session.get(name)
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self.session.set(name, value)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.session.set_learning_rate(lr)
+
+    def train_step(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.train_step(inputs)
+
+    def evaluate(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.evaluate(inputs)
+
+    def loss_only(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The training model's outputs on a batch, without an optimizer step."""
+        return self.session.forward_backward(inputs)
+
+
+class TorchBackend:
+    """PyTorch eager training of the same tier, built from the bundle's ``encoder/`` folder and its manifest."""
+
+    name = "torch"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, slots: int, threads: int | None = None) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "the PyTorch backend needs torch and transformers: pip install 'fftmoe[edge-torch]' "
+                "(on a Raspberry Pi: torch==2.9.1)"
+            ) from exc
+        if not manifest.encoder_files:
+            raise BundleError(
+                f"{bundle_dir}: the bundle has no encoder/ folder, which the PyTorch backend needs; re-export it with this fftmoe"
+            )
+        from exporter.config import MoEAdapterConfig
+        from exporter.model import SUPPORTED, FFTMoEModel, load_encoder, weights_sha256
+
+        if threads:
+            torch.set_num_threads(threads)
+        encoder_dir = Path(bundle_dir) / Path(manifest.encoder_files[0].path).parts[0]
+        encoder, _, _, _ = load_encoder(str(encoder_dir))
+        if weights_sha256(encoder) != manifest.model.sha256:
+            raise BundleError(f"{encoder_dir}: the encoder's weights differ from the manifest's model.sha256")
+        config = MoEAdapterConfig(
+            num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
+            aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
+        )  # fmt: skip
+        self.torch = torch
+        self.model = FFTMoEModel(encoder, SUPPORTED[manifest.model.model_type], config, slots, len(manifest.labels))
+        self.params = dict(self.model.trainable_named_parameters())
+        expected = set(manifest.tier(slots).trainable_names)
+        if set(self.params) != expected:
+            raise BundleError(
+                f"the PyTorch model's trainable tensors differ from the manifest's tier {slots}: "
+                f"{sorted(set(self.params) ^ expected)[:5]}"
+            )
+        self.optimizer = OrtAdamW(list(self.params.values()))
+
+    def trainable_names(self) -> list[str]:
+        return list(self.params)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.params[name].detach().numpy().copy()
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        param = self.params[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"parameter {name!r}: shape {list(value.shape)} does not match {list(param.shape)}")
+        with self.torch.no_grad():
+            param.copy_(self.torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.lr = lr
+
+    def _run(self, inputs: list[np.ndarray]) -> tuple:
+        return self.model(*[self.torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+
+    def train_step(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        self.model.train()
+        self.optimizer.zero_grad()
+        outputs = self._run(inputs)
+        outputs[0].backward()
+        self.optimizer.step()
+        return [o.detach().numpy() for o in outputs]
+
+    def evaluate(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        self.model.eval()
+        with self.torch.no_grad():
+            return [o.numpy() for o in self._run(inputs)]
+
+    def loss_only(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        self.model.train()
+        with self.torch.no_grad():
+            return [o.numpy() for o in self._run(inputs)]
+
+
+def ort_available() -> tuple[bool, str]:
+    """Whether ONNX Runtime's training API imports here, and why not when it does not."""
+    try:
+        import_training_api()
+        return True, ""
+    except BackendUnavailableError as exc:
+        return False, str(exc)
+
+
+def resolve_backend(requested: str) -> tuple[str, str]:
+    """``auto`` -> ``ort`` where it imports, else ``torch``; returns (backend, a sentence saying why)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "torch":
+        return "torch", "PyTorch backend (asked for with --backend torch)"
+    ok, why = ort_available()
+    if ok:
+        return "ort", "ONNX Runtime training API"
+    if requested == "ort":
+        raise BackendUnavailableError(why)
+    return "torch", f"ONNX Runtime training is not available on this {platform.machine()} machine ({why}); using PyTorch"
+
+
+def open_backend(name: str, bundle_dir: Path, manifest: Manifest, slots: int, threads: int | None = None) -> TierBackend:
+    if name == "ort":
+        return OrtBackend(bundle_dir, manifest, slots, threads)
+    if name == "torch":
+        return TorchBackend(bundle_dir, manifest, slots, threads)
+    raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,245 @@
+"""Standalone local fine-tuning on a device (no server): resumable state, an update file and an inference model.
+
+The run folder (``--out``) holds:
+
+- ``state.json``: position (epoch, batch, step), settings, the per-epoch history; ``weights.safetensors``: the
+  tier's trainable tensors. Both are rewritten atomically after every epoch, every ``save_every`` steps and on
+  Ctrl-C, so ``--resume`` continues where training stopped and nothing saved before is lost;
+- when training finishes: ``update.safetensors`` (the sparse update, ``docs/update-format.md``), ``model/``
+  (ONNX inference model + config + tokenizer, loadable with optimum) and ``history.png`` (loss and accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_runtime.bundle import Manifest
+from edge_runtime.data import EncodedData
+from edge_runtime.session import RoutingStats, StepResult, TierSession, TrainConfig, TrainResult
+from edge_runtime.update import manifest_id
+
+STATE_FORMAT = "fftmoe-train-state"
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class StateError(RuntimeError):
+    """The run folder's state cannot be resumed (other bundle, tier or settings, or damaged files)."""
+
+
+@dataclass
+class RunState:
+    manifest_id: str
+    tier: int
+    assignment: list[list[int]]
+    config: dict[str, Any]
+    epoch: int = 0  # epoch in progress (0-based)
+    batch_in_epoch: int = 0  # batches of that epoch done
+    step: int = 0  # optimizer steps in total
+    examples: int = 0
+    history: list[dict[str, float]] = None  # type: ignore[assignment]
+    finished: bool = False
+    route_counts: list[list[float]] = None  # type: ignore[assignment]
+    route_prob_sum: list[list[float]] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.history = self.history or []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "format_version": STATE_VERSION, **asdict(self)}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_state(out: Path, state: RunState, values: dict[str, np.ndarray]) -> None:
+    """Weights first, then the state that points at them: a crash in between leaves the older pair usable."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_FILE + ".partial")
+    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp), metadata={"step": str(state.step)})
+    os.replace(tmp, out / WEIGHTS_FILE)
+    _atomic_write_text(out / STATE_FILE, json.dumps(state.to_dict(), indent=2) + "\n")
+
+
+def load_state(out: Path, manifest: Manifest, tier: int, config: TrainConfig) -> tuple[RunState, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise StateError(f"{path}: no saved state to resume from (start without --resume)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("format") != STATE_FORMAT or raw.get("format_version") != STATE_VERSION:
+            raise StateError(f"{path}: not a {STATE_FORMAT} version {STATE_VERSION} file")
+        raw.pop("format"), raw.pop("format_version")
+        state = RunState(**raw)
+        values = load_file(str(out / WEIGHTS_FILE))
+    except (OSError, ValueError, TypeError) as exc:
+        raise StateError(f"{out}: saved state is damaged ({exc})") from exc
+    if state.manifest_id != manifest_id(manifest):
+        raise StateError(f"{out} was trained from another bundle ({state.manifest_id}, this one is {manifest_id(manifest)})")
+    if state.tier != tier:
+        raise StateError(f"{out} trained tier {state.tier}; resume it with --tier {state.tier}")
+    for key in ("batch_size", "seed"):
+        if state.config.get(key) != getattr(config, key):
+            raise StateError(f"{out} was trained with --{key.replace('_', '-')} {state.config.get(key)}; resume with the same value")
+    return state, values
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> bool:
+    """Loss and accuracy per epoch as a PNG; False when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    if all("eval_loss" in h for h in history):
+        ax1.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval loss")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
+    if all("eval_accuracy" in h for h in history):
+        ax2.plot(epochs, [h["eval_accuracy"] for h in history], "s-", color="tab:green")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("eval accuracy"), ax2.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_inference_model(session: TierSession, bundle_dir: Path, out_dir: Path) -> Path:
+    """The trained tier as an ONNX inference model (logits), with the bundle's config and tokenizer beside it."""
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    backend = session.backend
+    if backend.name == "ort":
+        backend.session.module.export_model_for_inferencing(str(tmp / "model.onnx"), ["logits"])
+    else:
+        import torch
+
+        from exporter.onnx_export import example_inputs, export_inference_model
+
+        with torch.no_grad():
+            export_inference_model(backend.model, example_inputs(backend.model, 2, 16, session.manifest.model.image_size),
+                                   tmp / "model.onnx")  # fmt: skip
+    manifest = session.manifest
+    for entry in [*manifest.inference_files, *manifest.tokenizer_files]:
+        src = bundle_dir / entry.path
+        if not (tmp / src.name).exists():
+            shutil.copy2(src, tmp / src.name)
+    config_path = tmp / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["fftmoe"] = {**config.get("fftmoe", {}), "tier": session.slots, "assignment": session.assignment}
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def train_local(
+    session: TierSession,
+    bundle_dir: Path,
+    out: Path,
+    train_data: EncodedData,
+    eval_data: EncodedData | None,
+    config: TrainConfig,
+    resume: bool = False,
+    save_every: int = 200,
+    on_step: Callable[[StepResult], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_eval_batch: Callable[[int, int], None] | None = None,
+) -> RunState:
+    """Train ``session`` (already loaded) on ``train_data`` epoch by epoch, saving state; see the module docstring."""
+    manifest = session.manifest
+    if resume:
+        state, values = load_state(out, manifest, session.slots, config)
+        session.assignment = state.assignment
+        session.set_values(values)
+        state.config = asdict(config)
+        if state.finished and state.epoch >= config.epochs:
+            return state
+        state.finished = False
+    else:
+        state = RunState(manifest_id(manifest), session.slots, session.assignment, asdict(config))
+    stats = RoutingStats.zeros(manifest.num_layers, session.slots)
+    if state.route_counts is not None:
+        stats.route_counts += np.array(state.route_counts)
+        stats.route_prob_sum += np.array(state.route_prob_sum)
+    per_epoch = (len(train_data) + config.batch_size - 1) // config.batch_size
+
+    def checkpoint() -> None:
+        state.route_counts = stats.route_counts.tolist()
+        state.route_prob_sum = stats.route_prob_sum.tolist()
+        save_state(out, state, session.values())
+
+    def step_hook(r: StepResult) -> None:
+        state.epoch, state.batch_in_epoch, state.step = r.epoch, r.batch_in_epoch, r.step
+        if on_step:
+            on_step(r)
+        if save_every and r.step % save_every == 0:
+            checkpoint()
+
+    while state.epoch < config.epochs:
+        if state.batch_in_epoch >= per_epoch:  # the saved position is the end of an epoch
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            continue
+        epoch = state.epoch
+        examples_before = state.examples
+        result = _train_one_epoch(session, train_data, config, epoch, state, step_hook, should_stop)
+        stats.route_counts += result.stats.route_counts
+        stats.route_prob_sum += result.stats.route_prob_sum
+        state.examples = examples_before + result.examples
+        if result.interrupted:
+            checkpoint()
+            return state
+        entry: dict[str, float] = {"epoch": epoch + 1, "train_loss": result.mean_loss, "steps": state.step, "seconds": result.seconds}
+        if eval_data is not None and len(eval_data):
+            metrics = session.evaluate(eval_data, config.eval_batch_size, on_eval_batch)
+            entry.update(eval_accuracy=metrics["accuracy"], eval_loss=metrics["loss"])
+        state.history.append(entry)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        checkpoint()
+        if on_epoch:
+            on_epoch(entry)
+        if config.max_steps is not None and state.step >= config.max_steps:
+            break
+    state.finished = True
+    checkpoint()
+    last = state.history[-1] if state.history else {}
+    update = session.update(max(state.examples, 1), stats, {k: float(v) for k, v in last.items()})
+    update.save(out / "update.safetensors")
+    write_inference_model(session, bundle_dir, out / "model")
+    if state.history:
+        plot_history(state.history, out / "history.png")
+    return state
+
+
+def _train_one_epoch(
+    session: TierSession, data: EncodedData, config: TrainConfig, epoch: int, state: RunState,
+    step_hook: Callable[[StepResult], None], should_stop: Callable[[], bool],
+) -> TrainResult:
+    """One epoch (or its rest, when resuming) of ``TierSession.train``."""
+    one = TrainConfig(epochs=epoch + 1, max_steps=config.max_steps, batch_size=config.batch_size,
+                      learning_rate=config.learning_rate, seed=config.seed, eval_batch_size=config.eval_batch_size)  # fmt: skip
+    return session.train(data, one, start_epoch=epoch, start_batch=state.batch_in_epoch, start_step=state.step,
+                         on_step=step_hook, should_stop=should_stop)  # fmt: skip

@@ -1,0 +1,264 @@
+"""The sparse update a device returns after training its tier (format ``fftmoe-update``, version 1).
+
+Defined once here, validated on read, documented in ``docs/update-format.md``. The same object travels as a
+safetensors file (standalone training, tests) and, later, inside a Flower message.
+
+An update names global experts, not slots: slot ``j`` of layer ``l`` trained global expert ``assignment[l][j]``.
+
+Tensors (all float32):
+
+- ``layers.{l}.experts.{e}.{w1,b1,w2,b2}``: the trained values of each global expert ``e`` this device held;
+- ``layers.{l}.router_rows.{weight,bias}``: the tier's router, ``[t, d]`` and ``[t]``; row ``j`` belongs to global
+  expert ``assignment[l][j]`` (absent for a one-slot tier, whose gate is constant);
+- ``head.{weight,bias}``: the classification head;
+- ``stats.route_counts`` and ``stats.route_prob_sum``, ``[L, t]``: top-k assignments and summed router
+  probabilities per slot over the real tokens seen in training (the routing statistics the coordinator uses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.bundle import (
+    EXPERT_TENSORS,
+    HEAD_TENSORS,
+    ROUTER_TENSORS,
+    BundleError,
+    Manifest,
+    global_expert_key,
+    global_head_key,
+    global_router_key,
+)
+
+UPDATE_FORMAT = "fftmoe-update"
+UPDATE_VERSION = 1
+
+
+class UpdateError(BundleError):
+    """An update is malformed or does not fit the bundle; the message names the field or tensor at fault."""
+
+
+def manifest_id(manifest: Manifest) -> str:
+    """A short, stable identifier of a bundle: sha256 of its canonical manifest JSON (16 hex digits)."""
+    canonical = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def router_rows_key(layer: int, tensor: str) -> str:
+    """Name of a tier router tensor in an update (rows follow the layer's assignment)."""
+    return f"layers.{layer}.router_rows.{tensor}"
+
+
+def default_assignment(manifest: Manifest, slots: int) -> list[list[int]]:
+    """Slot j of every layer <- global expert j (what standalone training uses)."""
+    return [list(range(slots)) for _ in range(manifest.num_layers)]
+
+
+def check_assignment(manifest: Manifest, slots: int, assignment: Any) -> list[list[int]]:
+    """Validate an assignment (one list of ``slots`` distinct global expert ids per layer) and return it."""
+    if not isinstance(assignment, (list, tuple)) or len(assignment) != manifest.num_layers:
+        raise UpdateError(f"assignment must have one list per layer ({manifest.num_layers}), got {assignment!r:.80}")
+    out = []
+    for layer, ids in enumerate(assignment):
+        ids = [int(i) for i in ids]
+        if len(ids) != slots or len(set(ids)) != slots or not all(0 <= i < manifest.num_experts for i in ids):
+            raise UpdateError(
+                f"assignment of layer {layer} is {ids}: it must name {slots} distinct experts in 0..{manifest.num_experts - 1}"
+            )
+        out.append(ids)
+    return out
+
+
+def tier_values_from_pool(
+    manifest: Manifest, slots: int, pool: dict[str, np.ndarray], assignment: list[list[int]]
+) -> dict[str, np.ndarray]:
+    """The values of a tier's trainable parameters (by ONNX name) from a global pool and an assignment."""
+    tier = manifest.tier(slots)
+    out: dict[str, np.ndarray] = {}
+    for p in tier.slot_params:
+        out[p.name] = pool[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)]
+    for p in tier.router_params:
+        out[p.name] = np.ascontiguousarray(pool[global_router_key(p.layer, p.tensor)][assignment[p.layer]])
+    for p in tier.head_params:
+        out[p.name] = pool[global_head_key(p.tensor)]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+@dataclass
+class Update:
+    """What one device sends back after a training session on its tier."""
+
+    manifest_id: str
+    tier: int
+    assignment: list[list[int]]
+    num_examples: int
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+    format: str = UPDATE_FORMAT
+    format_version: int = UPDATE_VERSION
+
+    # -- building ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tier_values(
+        cls,
+        manifest: Manifest,
+        slots: int,
+        assignment: list[list[int]],
+        values: dict[str, np.ndarray],
+        num_examples: int,
+        route_counts: np.ndarray,
+        route_prob_sum: np.ndarray,
+        metrics: dict[str, float] | None = None,
+    ) -> Update:
+        """Map a tier's trained values (by ONNX name) back to global expert ids."""
+        tier = manifest.tier(slots)
+        tensors: dict[str, np.ndarray] = {}
+        for p in tier.slot_params:
+            tensors[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)] = values[p.name]
+        for p in tier.router_params:
+            tensors[router_rows_key(p.layer, p.tensor)] = values[p.name]
+        for p in tier.head_params:
+            tensors[global_head_key(p.tensor)] = values[p.name]
+        tensors["stats.route_counts"] = np.asarray(route_counts, np.float32)
+        tensors["stats.route_prob_sum"] = np.asarray(route_prob_sum, np.float32)
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+        return cls(manifest_id(manifest), slots, assignment, int(num_examples), tensors, dict(metrics or {}))
+
+    # -- reading the content -----------------------------------------------------------------------------------
+
+    @property
+    def route_counts(self) -> np.ndarray:
+        return self.tensors["stats.route_counts"]
+
+    @property
+    def route_prob_sum(self) -> np.ndarray:
+        return self.tensors["stats.route_prob_sum"]
+
+    def expert_tensors(self) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+        """``{(layer, global expert): {tensor: value}}``."""
+        out: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        for layer, ids in enumerate(self.assignment):
+            for e in ids:
+                out[(layer, e)] = {t: self.tensors[global_expert_key(layer, e, t)] for t in EXPERT_TENSORS}
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "manifest_id": self.manifest_id,
+            "tier": self.tier,
+            "assignment": self.assignment,
+            "num_examples": self.num_examples,
+            "metrics": self.metrics,
+        }
+
+    # -- validation --------------------------------------------------------------------------------------------
+
+    def expected_shapes(self, manifest: Manifest) -> dict[str, tuple[int, ...]]:
+        d, r, t, n_layers = manifest.hidden_size, manifest.expert_dim, self.tier, manifest.num_layers
+        shapes = {"w1": (d, r), "b1": (r,), "w2": (r, d), "b2": (d,)}
+        out: dict[str, tuple[int, ...]] = {}
+        for layer, ids in enumerate(self.assignment):
+            for e in ids:
+                for tensor in EXPERT_TENSORS:
+                    out[global_expert_key(layer, e, tensor)] = shapes[tensor]
+            if t > 1:
+                out[router_rows_key(layer, "weight")] = (t, d)
+                out[router_rows_key(layer, "bias")] = (t,)
+        out[global_head_key("weight")] = (len(manifest.labels), d)
+        out[global_head_key("bias")] = (len(manifest.labels),)
+        out["stats.route_counts"] = (n_layers, t)
+        out["stats.route_prob_sum"] = (n_layers, t)
+        return out
+
+    def validate(self, manifest: Manifest, expected_assignment: list[list[int]] | None = None) -> Update:
+        """Raise UpdateError naming the first problem; return self when the update fits ``manifest``."""
+        if self.format != UPDATE_FORMAT or self.format_version != UPDATE_VERSION:
+            raise UpdateError(
+                f"update is {self.format!r} version {self.format_version}; this fftmoe reads {UPDATE_FORMAT!r} version {UPDATE_VERSION}"
+            )
+        if self.manifest_id != manifest_id(manifest):
+            raise UpdateError(f"update was made for bundle {self.manifest_id}, not this bundle {manifest_id(manifest)}")
+        if self.tier not in manifest.tiers:
+            raise UpdateError(f"update is for tier {self.tier}; the bundle has tiers {sorted(manifest.tiers)}")
+        check_assignment(manifest, self.tier, self.assignment)
+        if expected_assignment is not None and [list(map(int, a)) for a in expected_assignment] != self.assignment:
+            raise UpdateError(f"update trained experts {self.assignment}, but this device was assigned {expected_assignment}")
+        if not isinstance(self.num_examples, int) or self.num_examples < 1:
+            raise UpdateError(f"update field 'num_examples' must be a positive integer, got {self.num_examples!r}")
+        expected = self.expected_shapes(manifest)
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        if missing:
+            raise UpdateError(f"update lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            raise UpdateError(f"update has tensor(s) not assigned to this device: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        for name, shape in expected.items():
+            value = self.tensors[name]
+            if not isinstance(value, np.ndarray) or value.dtype != np.float32:
+                raise UpdateError(f"update tensor {name!r} must be float32, got {getattr(value, 'dtype', type(value).__name__)}")
+            if value.shape != shape:
+                raise UpdateError(f"update tensor {name!r} has shape {list(value.shape)}, expected {list(shape)}")
+            if not np.isfinite(value).all():
+                bad = int((~np.isfinite(value)).sum())
+                raise UpdateError(f"update tensor {name!r} has {bad} NaN or Inf value(s)")
+        if (self.route_counts < 0).any() or (self.route_prob_sum < 0).any():
+            raise UpdateError("update routing statistics must be >= 0")
+        for k, v in self.metrics.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise UpdateError(f"update metric {k!r} must be a finite number, got {v!r}")
+        return self
+
+    # -- files -------------------------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> Path:
+        """Write the update as one safetensors file (metadata: the JSON of ``meta()``), atomically."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        save_file(self.tensors, str(tmp), metadata={"fftmoe_update": json.dumps(self.meta())})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Update:
+        """Read an update file; the content is checked against a bundle by ``validate``."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta_raw = (f.metadata() or {}).get("fftmoe_update")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError for damaged headers
+            raise UpdateError(f"{path}: not a readable update file ({exc})") from exc
+        if meta_raw is None:
+            raise UpdateError(f"{path}: no 'fftmoe_update' metadata; not an fftmoe update")
+        return cls.from_parts(json.loads(meta_raw), tensors, where=str(path))
+
+    @classmethod
+    def from_parts(cls, meta: Any, tensors: dict[str, np.ndarray], where: str = "update") -> Update:
+        if not isinstance(meta, dict):
+            raise UpdateError(f"{where}: metadata must be an object")
+        try:
+            return cls(
+                manifest_id=str(meta["manifest_id"]),
+                tier=int(meta["tier"]),
+                assignment=[[int(i) for i in ids] for ids in meta["assignment"]],
+                num_examples=int(meta["num_examples"]),
+                tensors=dict(tensors),
+                metrics={str(k): v for k, v in dict(meta.get("metrics", {})).items()},
+                format=str(meta["format"]),
+                format_version=int(meta["format_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateError(f"{where}: metadata field missing or malformed: {exc}") from exc
