@@ -2,20 +2,24 @@
 # Create (or reuse) the project's virtual environment with the pinned, CPU-only stack.
 #   FFTMOE_VENV   where to put it (default: .venv in the repository)
 #   PYTHON        the interpreter to build it from (default: python3.11, else python3)
-# It is rebuilt only when constraints.txt or pyproject.toml change (a stamp file records their hash).
+# It is rebuilt only when constraints.txt (the locked set) changes; a change of pyproject.toml only re-installs the
+# project itself (seconds). Two stamp files record the hashes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FFTMOE_VENV:-.venv}"
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 stamp="$VENV/.fftmoe-stamp"
-want="$(cat constraints.txt pyproject.toml scripts/setup-venv.sh | sha256sum | cut -c1-16)"
+want="$(cat constraints.txt | sha256sum | cut -c1-16)-lock"
+project_stamp="$VENV/.fftmoe-project-stamp"
+project="$(cat pyproject.toml | sha256sum | cut -c1-16)"
 here="$(pwd -P)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
-  # The environment is current; make sure its editable install points at this checkout (a shared venv may
-  # have been built from another clone).
+  # The locked set is current. Re-install the project (no dependencies) when pyproject.toml changed or when the
+  # editable install points at another checkout (a shared venv may have been built from another clone).
   there="$("$VENV/bin/python" -c 'import exporter, os; print(os.path.dirname(os.path.dirname(os.path.realpath(exporter.__file__))))' 2>/dev/null || true)"
-  if [ "$there" != "$here" ]; then
+  if [ "$there" != "$here" ] || [ "$(cat "$project_stamp" 2>/dev/null)" != "$project" ]; then
     "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e . >/dev/null
+    echo "$project" > "$project_stamp"
   fi
   exit 0
 fi
@@ -36,3 +40,4 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # Byte-compile once: with PYTHONDONTWRITEBYTECODE set, nothing would ever be cached and every start recompiles.
 "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
 echo "$want" > "$stamp"
+echo "$project" > "$project_stamp"
