@@ -6,7 +6,7 @@ export FFTMOE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo bench
+.PHONY: venv test test-fast demo bench bench-edge
 
 venv:
 	@bash scripts/setup-venv.sh
@@ -26,3 +26,9 @@ demo: venv
 ## Exporter benchmark on MiniLM: export time, artifact sizes, ORT vs PyTorch step time, peak RSS, per tier.
 bench: venv
 	$(PY) benchmarks/export_bench.py --tiers 2,4,8
+
+## Edge runtime benchmark: ORT training-API import with and without torch; ORT vs PyTorch backend per tier on
+## real AG News batches (needs `make demo`'s bundle and the AG News CSV: AG_NEWS=path/to/ag_news.csv).
+AG_NEWS ?= ../shared/data/ag_news/ag_news_6000.csv
+bench-edge: venv
+	$(PY) benchmarks/edge_bench.py --bundle runs/minilm-bundle --data $(AG_NEWS)

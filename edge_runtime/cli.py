@@ -313,6 +313,10 @@ def train(
                         tasks[r.epoch] = bar.add_task(f"epoch {r.epoch + 1}/{config.epochs}", total=r.batches_per_epoch,
                                                       completed=r.batch_in_epoch - 1, loss="-")  # fmt: skip
                     bar.update(tasks[r.epoch], completed=r.batch_in_epoch, loss=f"{r.loss:.4f}")
+                    if not bar.console.is_terminal and r.batch_in_epoch % max(1, r.batches_per_epoch // 10) == 0:
+                        # no live bar in a log file: a line every tenth of an epoch instead
+                        bar.console.print(f"epoch {r.epoch + 1}: batch {r.batch_in_epoch}/{r.batches_per_epoch}, "
+                                          f"step {r.step}, loss {r.loss:.4f}", highlight=False)  # fmt: skip
 
                 def on_epoch(h) -> None:
                     acc = f", eval accuracy {h['eval_accuracy']:.4f}, eval loss {h['eval_loss']:.4f}" if "eval_accuracy" in h else ""

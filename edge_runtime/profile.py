@@ -6,7 +6,8 @@ reference batch, with the compute rate of that machine. A tier's figures on this
 - memory: ``load + (peak - load) * (batch / ref_batch)``, where ``load`` is the resident memory with the
   sessions loaded and ``peak - load`` the activations and optimizer work of a step, which grow with the batch;
   with the PyTorch backend, times ``TORCH_MEMORY_FACTOR`` (the benchmark's PyTorch/ORT peak ratio);
-- step time: ``step * (ref_gflops / device_gflops) * (batch / ref_batch)``.
+- step time: ``step * (ref_gflops / device_gflops) * (batch / ref_batch)``, with ``ref_gflops`` the median of the
+  rates recorded with the tiers.
 
 A tier fits when its expected memory is within the budget: the available memory (or ``--max-memory`` when
 smaller) minus a safety margin of ``SAFETY_MARGIN`` of it (at least ``MIN_HEADROOM_MB``). The largest tier that
@@ -100,6 +101,13 @@ def memory_budget(device: DeviceProfile, max_memory_mb: float | None) -> float:
     return available - max(available * SAFETY_MARGIN, MIN_HEADROOM_MB)
 
 
+def reference_gflops(manifest: Manifest) -> float | None:
+    """The exporting machine's compute rate: the median over the tiers' measurements (one noisy reading of a
+    shared machine must not skew a tier's step-time estimate)."""
+    rates = [t.measured.compute_gflops for t in manifest.tiers.values() if t.measured and t.measured.compute_gflops]
+    return float(np.median(rates)) if rates else None
+
+
 def estimate(manifest: Manifest, slots: int, device: DeviceProfile, backend: str, batch: int, budget_mb: float) -> TierEstimate:
     """Expected peak memory and step time of a tier on ``device`` at ``batch``, and whether it fits."""
     m = manifest.tier(slots).measured
@@ -111,8 +119,9 @@ def estimate(manifest: Manifest, slots: int, device: DeviceProfile, backend: str
     if backend == "torch":
         memory *= TORCH_MEMORY_FACTOR
     step = None
-    if m.compute_gflops:
-        step = m.step_time_s * (m.compute_gflops / device.compute_gflops) * scale
+    ref_gflops = reference_gflops(manifest)
+    if ref_gflops:
+        step = m.step_time_s * (ref_gflops / device.compute_gflops) * scale
     fits = memory <= budget_mb
     reason = f"needs ~{memory:.0f} MB, budget {budget_mb:.0f} MB" + ("" if fits else f": short by {memory - budget_mb:.0f} MB")
     return TierEstimate(slots, batch, memory, step, fits, reason)
