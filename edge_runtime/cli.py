@@ -114,6 +114,7 @@ def profile(
     max_memory: Optional[float] = typer.Option(None, help=MAX_MEMORY_HELP),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     batch_size: int = typer.Option(16, help="Batch size to plan for (halved down to 4 when no tier fits at it)."),
+    max_seq_len: Optional[int] = typer.Option(None, help="Plan for rows truncated to this many tokens (default: the bundle's maximum)."),
     compute_seconds: float = typer.Option(1.0, help="How long to measure the compute rate (matrix multiplies), seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
@@ -143,7 +144,7 @@ def profile(
             except (ValueError, RuntimeError) as exc:
                 _fail(str(exc), EXIT_BAD_ARGS, json_out)
         try:
-            choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory)
+            choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory, seq_len=max_seq_len)
             out["choice"] = _choice_dict(choice)
             out["backend_reason"] = why
         except TierChoiceError as exc:
@@ -208,6 +209,7 @@ def train(
     epochs: int = typer.Option(1, help="Passes over the training data."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total."),
     batch_size: int = typer.Option(16, help="Examples per step (lowered automatically if the chosen tier needs it)."),
+    max_seq_len: Optional[int] = typer.Option(None, help="Truncate rows to this many tokens (default and upper bound: the bundle's maximum); shorter rows need less memory."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     seed: int = typer.Option(0, help="Seed of the data order and of the hold-out split."),
     tier: Optional[int] = typer.Option(None, help="Train this tier instead of the largest that fits (no memory check)."),
@@ -268,7 +270,9 @@ def train(
             err.print(f"[yellow]skipped {len(examples.skipped)} malformed row(s)[/yellow], first: {examples.skipped[0]}", highlight=False)
     dev = _device(device)
     try:
-        choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory, tier)
+        if max_seq_len is not None and not 2 <= max_seq_len <= manifest.max_seq_len:
+            _fail(f"--max-seq-len must be in 2..{manifest.max_seq_len} (the bundle's maximum), got {max_seq_len}", EXIT_BAD_ARGS, json_out)
+        choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory, tier, seq_len=max_seq_len)
     except TierChoiceError as exc:
         _fail(str(exc), EXIT_NO_FIT, json_out, "no_fit")
     except BundleError as exc:
@@ -283,7 +287,7 @@ def train(
         session.load(pool, default_assignment(manifest, choice.slots))
     except BundleError as exc:
         _fail(str(exc), EXIT_INVALID, json_out, "integrity")
-    encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
+    encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, max_seq_len or manifest.max_seq_len)
     train_enc = encode_examples(train_ex, encoder)
     eval_enc = encode_examples(held, encoder) if held is not None else None
 

@@ -207,7 +207,8 @@ class TextEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_seq_len)
         self.max_seq_len = max_seq_len
-        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        pads = [self.tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>")]  # BERT-style, RoBERTa-style
+        self.pad_id = next((p for p in pads if p is not None), 0)  # padded positions are masked out anyway
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.array(e.ids, np.int64) for e in self.tokenizer.encode_batch(texts)]

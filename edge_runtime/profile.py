@@ -3,8 +3,10 @@
 The manifest holds, per tier, the ORT step time and resident memory measured on the exporting machine at a
 reference batch, with the compute rate of that machine. A tier's figures on this device are scaled from those:
 
-- memory: ``load + (peak - load) * (batch / ref_batch)``, where ``load`` is the resident memory with the
-  sessions loaded and ``peak - load`` the activations and optimizer work of a step, which grow with the batch;
+- memory: ``load + (peak - load) * (batch / ref_batch) * (seq_len / ref_seq_len)``, where ``load`` is the
+  resident memory with the sessions loaded and ``peak - load`` the activations and gradients of a step, which grow
+  with the tokens of a batch; ``seq_len`` is the longest row the device will feed (the bundle's maximum unless
+  the device truncates shorter), so the estimate holds for the worst batch;
   with the PyTorch backend, times ``TORCH_MEMORY_FACTOR`` (the benchmark's PyTorch/ORT peak ratio);
 - step time: ``step * (ref_gflops / device_gflops) * (batch / ref_batch)``, with ``ref_gflops`` the median of the
   rates recorded with the tiers.
@@ -108,12 +110,16 @@ def reference_gflops(manifest: Manifest) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
-def estimate(manifest: Manifest, slots: int, device: DeviceProfile, backend: str, batch: int, budget_mb: float) -> TierEstimate:
-    """Expected peak memory and step time of a tier on ``device`` at ``batch``, and whether it fits."""
+def estimate(
+    manifest: Manifest, slots: int, device: DeviceProfile, backend: str, batch: int, budget_mb: float, seq_len: int | None = None
+) -> TierEstimate:
+    """Expected peak memory and step time of a tier on ``device`` at ``batch`` x ``seq_len`` tokens, and whether it
+    fits. ``seq_len`` defaults to the bundle's maximum (the worst case: a batch holding one row that long)."""
     m = manifest.tier(slots).measured
     if m is None:
         return TierEstimate(slots, batch, None, None, False, "no measurement in the bundle (exported with --no-measure)")
-    scale = batch / m.batch_size
+    seq = seq_len or manifest.max_seq_len
+    scale = (batch / m.batch_size) * (seq / m.seq_len if manifest.model.modality == "text" else 1.0)
     load = m.load_rss_mb if m.load_rss_mb is not None else m.peak_rss_mb
     memory = load + max(m.peak_rss_mb - load, 0.0) * scale
     if backend == "torch":
@@ -134,17 +140,18 @@ def choose_tier(
     batch_size: int = 16,
     max_memory_mb: float | None = None,
     tier: int | None = None,
+    seq_len: int | None = None,
 ) -> TierChoice:
     """The largest tier that fits the device's memory budget (see the module docstring for the rule)."""
     budget = memory_budget(device, max_memory_mb)
     tiers = sorted(manifest.tiers, reverse=True)
     if tier is not None:
         manifest.tier(tier)  # names the tiers the bundle has when it lacks this one
-        estimates = [estimate(manifest, t, device, backend, batch_size, budget) for t in tiers]
+        estimates = [estimate(manifest, t, device, backend, batch_size, budget, seq_len) for t in tiers]
         return TierChoice(tier, batch_size, budget, backend, estimates, f"tier {tier} set with --tier (no memory check)")
     batch = batch_size
     while True:
-        estimates = [estimate(manifest, t, device, backend, batch, budget) for t in tiers]
+        estimates = [estimate(manifest, t, device, backend, batch, budget, seq_len) for t in tiers]
         for e in estimates:
             if e.fits:
                 why = f"largest tier that fits: {e.reason}"
@@ -159,7 +166,7 @@ def choose_tier(
     smallest = estimates[-1]
     raise TierChoiceError(
         f"no tier fits this device ({device.name}): the smallest, tier {smallest.slots}, needs ~{smallest.memory_mb:.0f} MB "
-        f"at batch {batch} with the {backend} backend, but the budget is {budget:.0f} MB "
+        f"at batch {batch} x {seq_len or manifest.max_seq_len} tokens with the {backend} backend, but the budget is {budget:.0f} MB "
         f"({'--max-memory' if max_memory_mb is not None and max_memory_mb < device.memory_available_mb else 'available memory'} "
         f"less a {SAFETY_MARGIN:.0%} safety margin): short by {smallest.memory_mb - budget:.0f} MB"
     )

@@ -29,7 +29,7 @@ def measured_manifest(bundle: Path):
     tiers = {
         t: dataclasses.replace(
             tier,
-            measured=Measurement(16, 64, 2, 5, 0.5 * t, MEASURED[t][1], "x86_64", 50.0, MEASURED[t][0], 20.0),
+            measured=Measurement(16, 16, 2, 5, 0.5 * t, MEASURED[t][1], "x86_64", 50.0, MEASURED[t][0], 20.0),
         )
         for t, tier in manifest.tiers.items()
     }
@@ -74,6 +74,9 @@ def test_scaling_rule(tiny_bundle: Path) -> None:
     assert e.step_time_s == pytest.approx(1.0 * 20.0 / 10.0 * 0.5)
     t = estimate(manifest, 2, device(4000), "torch", 16, budget_mb=1000)
     assert t.memory_mb == pytest.approx(340 * TORCH_MEMORY_FACTOR)
+    # rows truncated to half the bundle's maximum halve what a step adds, as halving the batch does
+    short = estimate(manifest, 2, device(4000), "ort", 16, budget_mb=1000, seq_len=8)
+    assert short.memory_mb == pytest.approx(e.memory_mb)
 
 
 @pytest.mark.parametrize(("available", "tier", "batch"), [(4000, 4, 16), (420, 2, 16), (330, 2, 8)])
@@ -88,7 +91,7 @@ def test_largest_tier_that_fits(tiny_bundle: Path, available: float, tier: int, 
 
 def test_a_small_board_is_refused_with_the_shortfall(tiny_bundle: Path) -> None:
     manifest = measured_manifest(tiny_bundle)
-    with pytest.raises(TierChoiceError, match=r"smallest, tier 1, needs ~188 MB at batch 4.*short by \d+ MB"):
+    with pytest.raises(TierChoiceError, match=r"smallest, tier 1, needs ~188 MB at batch 4 x 16 tokens.*short by \d+ MB"):
         choose_tier(manifest, device(200), "ort", 16)
 
 
