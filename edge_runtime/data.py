@@ -214,13 +214,21 @@ class TextEncoder:
         return [np.array(e.ids, np.int64) for e in self.tokenizer.encode_batch(texts)]
 
 
+PAD_MULTIPLE = 16
+"""Batches are padded to the longest row rounded up to a multiple of this: few distinct shapes (ONNX Runtime plans
+memory per input shape, and every new shape costs a slow first step) at little extra compute."""
+
+
 @dataclass
 class EncodedData:
-    """Token ids (unpadded) and labels; ``batches`` pads each batch to its longest row (less compute than max)."""
+    """Token ids (unpadded) and labels; ``batches`` pads each batch to its longest row, rounded up to a multiple
+    of ``pad_multiple`` and capped at ``max_len``."""
 
     ids: list[np.ndarray]
     labels: np.ndarray
     pad_id: int = 0
+    max_len: int | None = None
+    pad_multiple: int = PAD_MULTIPLE
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -235,6 +243,9 @@ class EncodedData:
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids [B, S], attention_mask [B, S], labels [B]) for the rows in ``index``."""
         width = max(len(self.ids[i]) for i in index)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        if self.max_len is not None:
+            width = min(width, max(self.max_len, max(len(self.ids[i]) for i in index)))
         ids = np.full((len(index), width), self.pad_id, np.int64)
         mask = np.zeros((len(index), width), np.int64)
         for row, i in enumerate(index):
@@ -251,4 +262,4 @@ class EncodedData:
 
 
 def encode_examples(examples: Examples, encoder: TextEncoder) -> EncodedData:
-    return EncodedData(encoder.encode(examples.texts), examples.labels, encoder.pad_id)
+    return EncodedData(encoder.encode(examples.texts), examples.labels, encoder.pad_id, encoder.max_seq_len)
