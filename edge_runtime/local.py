@@ -49,9 +49,11 @@ class RunState:
     finished: bool = False
     route_counts: list[list[float]] = None  # type: ignore[assignment]
     route_prob_sum: list[list[float]] = None  # type: ignore[assignment]
+    step_losses: list[float] = None  # type: ignore[assignment]  # training loss of every step, for the plot
 
     def __post_init__(self) -> None:
         self.history = self.history or []
+        self.step_losses = self.step_losses or []
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "format_version": STATE_VERSION, **asdict(self)}
@@ -99,8 +101,9 @@ def load_state(out: Path, manifest: Manifest, tier: int, config: TrainConfig) ->
     return state, values
 
 
-def plot_history(history: list[dict[str, float]], path: Path) -> bool:
-    """Loss and accuracy per epoch as a PNG; False when matplotlib is not installed (it is optional)."""
+def plot_history(history: list[dict[str, float]], path: Path, step_losses: list[float] | None = None) -> bool:
+    """Training loss per step (with a moving average) and held-out loss and accuracy after each epoch, as a PNG;
+    False when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
 
@@ -108,15 +111,25 @@ def plot_history(history: list[dict[str, float]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps_at = [h["steps"] for h in history]
+    if step_losses:
+        x = np.arange(1, len(step_losses) + 1)
+        ax1.plot(x, step_losses, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (step)")
+        window = max(1, len(step_losses) // 20)
+        if window > 1:
+            smooth = np.convolve(step_losses, np.ones(window) / window, mode="valid")
+            ax1.plot(x[window - 1 :], smooth, color="tab:blue", lw=1.8, label=f"train loss ({window}-step mean)")
     if all("eval_loss" in h for h in history):
-        ax1.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval loss")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
+        ax1.plot(steps_at, [h["eval_loss"] for h in history], "s", color="tab:orange", ms=7, label="held-out loss")
+    ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.legend(fontsize=8)
     if all("eval_accuracy" in h for h in history):
-        ax2.plot(epochs, [h["eval_accuracy"] for h in history], "s-", color="tab:green")
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("eval accuracy"), ax2.set_ylim(0, 1)
+        ax2.plot([h["epoch"] for h in history], [h["eval_accuracy"] for h in history], "s-", color="tab:green")
+        for h in history:
+            ax2.annotate(f"{h['eval_accuracy']:.3f}", (h["epoch"], h["eval_accuracy"]), textcoords="offset points",
+                         xytext=(0, 8), ha="center", fontsize=8)  # fmt: skip
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("held-out accuracy"), ax2.set_ylim(0, 1)
+    ax2.set_xticks([h["epoch"] for h in history])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -194,6 +207,7 @@ def train_local(
 
     def step_hook(r: StepResult) -> None:
         state.epoch, state.batch_in_epoch, state.step = r.epoch, r.batch_in_epoch, r.step
+        state.step_losses.append(r.loss)
         if on_step:
             on_step(r)
         if save_every and r.step % save_every == 0:
@@ -230,7 +244,7 @@ def train_local(
     update.save(out / "update.safetensors")
     write_inference_model(session, bundle_dir, out / "model")
     if state.history:
-        plot_history(state.history, out / "history.png")
+        plot_history(state.history, out / "history.png", state.step_losses)
     return state
 
 

@@ -46,6 +46,7 @@ def test_stop_saves_state_and_resume_finishes(tiny_bundle: Path, tmp_path: Path)
     resumed = session_for(tiny_bundle)  # a new process would start from the bundle's weights
     state = train_local(resumed, tiny_bundle, out, train, held, config, resume=True)
     assert state.finished and state.step == 6 and len(state.history) == 2
+    assert len(state.step_losses) == 6  # the loss of every step, across the interruption, for history.png
     assert [h["epoch"] for h in state.history] == [1, 2] and 0 <= state.history[-1]["eval_accuracy"] <= 1
     update = Update.load(out / "update.safetensors").validate(resumed.manifest)
     assert update.num_examples == 48
