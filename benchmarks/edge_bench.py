@@ -12,8 +12,6 @@ are reported. This is a benchmark, not a test: it asserts nothing about speed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,16 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import typer  # noqa: E402
+from children import run_child  # noqa: E402  (benchmarks/children.py, beside this script)
 
 AG_NEWS = dict(text_columns=("title", "description"), label_map={"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"})
-
-
-def _child(args: list[str], threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def import_child(kind: str) -> None:
@@ -94,7 +85,7 @@ def main(
         if kind == "import":
             return import_child(rest[0])
         return train_child(bundle, data, rest[0], int(rest[1]), batch, steps, threads)
-    imports = {k: [_child([__file__, "--bundle", str(bundle), "--data", str(data), "--child", f"import:{k}"], threads)
+    imports = {k: [run_child([__file__, "--bundle", str(bundle), "--data", str(data), "--child", f"import:{k}"], threads)
                    for _ in range(repeats)] for k in ("stock", "fftmoe")}  # fmt: skip
     rows = []
     for slots in [int(t) for t in tiers.split(",")]:
@@ -102,7 +93,7 @@ def main(
         for i in range(repeats):
             for backend in ("ort", "torch"):
                 print(f"  tier {slots}: {backend} child {i + 1}/{repeats}", file=sys.stderr)
-                runs[backend].append(_child([__file__, "--bundle", str(bundle), "--data", str(data), "--child",
+                runs[backend].append(run_child([__file__, "--bundle", str(bundle), "--data", str(data), "--child",
                                              f"train:{backend}:{slots}", "--batch", str(batch), "--steps", str(steps),
                                              "--threads", str(threads)], threads))  # fmt: skip
 

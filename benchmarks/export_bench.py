@@ -12,8 +12,6 @@ This is a benchmark, not a test: it asserts nothing about speed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,14 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import typer  # noqa: E402
-
-
-def _child(args: list[str], threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from children import run_child  # noqa: E402  (benchmarks/children.py, beside this script)
 
 
 def torch_step(bundle: Path, slots: int, batch: int, seq_len: int, threads: int, steps: int) -> None:
@@ -115,12 +106,12 @@ def main(
         ort_runs, pt_runs = [], []
         for i in range(repeats):  # alternate, so that both backends see the same machine load
             print(f"  tier {slots}: ORT child {i + 1}/{repeats}, PyTorch child {i + 1}/{repeats}", file=sys.stderr)
-            ort_runs.append(_child(["-m", "edge_runtime.measure", str(bundle / Path(tier.files["checkpoint"].path).parent),
+            ort_runs.append(run_child(["-m", "edge_runtime.measure", str(bundle / Path(tier.files["checkpoint"].path).parent),
                                     "--batch-size", str(batch), "--seq-len", str(seq_len), "--num-layers", str(manifest.num_layers),
                                     "--slots", str(slots), "--num-labels", str(len(manifest.labels)),
                                     "--vocab-size", str(encoder.config.vocab_size), "--threads", str(threads),
                                     "--steps", str(steps)], threads))  # fmt: skip
-            pt_runs.append(_child([__file__, "--torch-child", f"{bundle}:{slots}", "--batch", str(batch), "--seq-len", str(seq_len),
+            pt_runs.append(run_child([__file__, "--torch-child", f"{bundle}:{slots}", "--batch", str(batch), "--seq-len", str(seq_len),
                                    "--threads", str(threads), "--steps", str(steps)], threads))  # fmt: skip
 
         def med(runs: list[dict], key: str) -> float:

@@ -376,7 +376,7 @@ def evaluate(
     from edge_runtime.data import TextEncoder, encode_examples
     from edge_runtime.local import STATE_FILE, WEIGHTS_FILE
     from edge_runtime.session import TierSession
-    from edge_runtime.update import Update, UpdateError, default_assignment, router_rows_key
+    from edge_runtime.update import Update, UpdateError, default_assignment
 
     try:
         backend_name, _ = resolve_backend(backend)
@@ -407,17 +407,7 @@ def evaluate(
     if values is not None:
         session.set_values(values)
     elif weights is not None:  # an update: its experts, router rows and head replace the pool's
-        from edge_runtime.bundle import global_expert_key, global_head_key
-
-        vals = session.values()
-        t = session.tier
-        for p in t.slot_params:
-            vals[p.name] = upd.tensors[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)]
-        for p in t.router_params:
-            vals[p.name] = upd.tensors[router_rows_key(p.layer, p.tensor)]
-        for p in t.head_params:
-            vals[p.name] = upd.tensors[global_head_key(p.tensor)]
-        session.set_values(vals)
+        session.set_values(upd.tier_values(manifest))
     encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
     metrics = session.evaluate(encode_examples(examples, encoder), batch_size)
     result = {"ok": True, "tier": tier, "backend": backend_name, "examples": int(metrics["examples"]),

@@ -11,6 +11,7 @@ The run folder (``--out``) holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -253,7 +254,5 @@ def _train_one_epoch(
     step_hook: Callable[[StepResult], None], should_stop: Callable[[], bool],
 ) -> TrainResult:
     """One epoch (or its rest, when resuming) of ``TierSession.train``."""
-    one = TrainConfig(epochs=epoch + 1, max_steps=config.max_steps, batch_size=config.batch_size,
-                      learning_rate=config.learning_rate, seed=config.seed, eval_batch_size=config.eval_batch_size)  # fmt: skip
-    return session.train(data, one, start_epoch=epoch, start_batch=state.batch_in_epoch, start_step=state.step,
+    return session.train(data, dataclasses.replace(config, epochs=epoch + 1), start_epoch=epoch, start_batch=state.batch_in_epoch, start_step=state.step,
                          on_step=step_hook, should_stop=should_stop)  # fmt: skip

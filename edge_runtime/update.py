@@ -150,6 +150,18 @@ class Update:
                 out[(layer, e)] = {t: self.tensors[global_expert_key(layer, e, t)] for t in EXPERT_TENSORS}
         return out
 
+    def tier_values(self, manifest: Manifest) -> dict[str, np.ndarray]:
+        """The update's tensors by the tier's parameter names: the inverse of ``from_tier_values``."""
+        tier = manifest.tier(self.tier)
+        out: dict[str, np.ndarray] = {}
+        for p in tier.slot_params:
+            out[p.name] = self.tensors[global_expert_key(p.layer, self.assignment[p.layer][p.slot], p.tensor)]
+        for p in tier.router_params:
+            out[p.name] = self.tensors[router_rows_key(p.layer, p.tensor)]
+        for p in tier.head_params:
+            out[p.name] = self.tensors[global_head_key(p.tensor)]
+        return out
+
     def meta(self) -> dict[str, Any]:
         return {
             "format": self.format,
