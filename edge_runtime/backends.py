@@ -9,6 +9,8 @@ The backend is chosen once, when the session is opened (``open_backend``); nothi
 
 from __future__ import annotations
 
+import gc
+import os
 import platform
 from pathlib import Path
 from typing import Protocol
@@ -76,16 +78,22 @@ class TierBackend(Protocol):
     def train_step(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
     def evaluate(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
     def loss_only(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+    optimizer_file: str  # file name of the optimizer state in a saved run
+    def save_optimizer(self, path: Path) -> None: ...
+    def load_optimizer(self, path: Path) -> None: ...
+    def export_inference(self, path: Path) -> None: ...
 
 
 class OrtBackend:
     """ONNX Runtime training API on the tier's artifacts; never imports torch."""
 
     name = "ort"
+    optimizer_file = "optimizer.ckpt"  # an ORT checkpoint: all parameters and AdamW's moments and step
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, slots: int, threads: int | None = None) -> None:
-        files = {k: Path(bundle_dir) / f.path for k, f in manifest.tier(slots).files.items()}
-        self.session = OrtTierSession(files, threads=threads)
+        self.files = {k: Path(bundle_dir) / f.path for k, f in manifest.tier(slots).files.items()}
+        self.threads = threads
+        self.session = OrtTierSession(self.files, threads=threads)
 
     def trainable_names(self) -> list[str]:
         return self.session.trainable_names
@@ -109,11 +117,45 @@ class OrtBackend:
         """The training model's outputs on a batch, without an optimizer step."""
         return self.session.forward_backward(inputs)
 
+    def save_optimizer(self, path: Path) -> None:
+        """Save the session's state with the optimizer's (ORT's own checkpoint format)."""
+        import_training_api().CheckpointState.save_checkpoint(self.session.state, str(path), include_optimizer_state=True)
+
+    def load_optimizer(self, path: Path) -> None:
+        """Reopen the sessions from a checkpoint written by ``save_optimizer``: AdamW continues with its moments."""
+        self._release()
+        self.session = OrtTierSession({**self.files, "checkpoint": Path(path)}, threads=self.threads)
+
+    def export_inference(self, path: Path) -> None:
+        """Write the trained tier as an ONNX inference model (output ``logits``).
+
+        ORT's export holds several copies of the model while it serialises, so the training sessions (and their
+        activation memory) are released first and a session without optimizer does the export: the process peaks
+        at the larger of training and export, not their sum. Training state, optimizer included, is restored after.
+        """
+        path = Path(path)
+        saved = path.with_name(path.name + ".state.ckpt")
+        self.save_optimizer(saved)
+        try:
+            self._release()
+            light = OrtTierSession({**self.files, "checkpoint": saved}, threads=self.threads, with_optimizer=False)
+            light.module.export_model_for_inferencing(str(path), ["logits"])
+            del light
+            gc.collect()
+            self.session = OrtTierSession({**self.files, "checkpoint": saved}, threads=self.threads)
+        finally:
+            os.unlink(saved)
+
+    def _release(self) -> None:
+        self.session = None  # type: ignore[assignment]
+        gc.collect()
+
 
 class TorchBackend:
     """PyTorch eager training of the same tier, built from the bundle's ``encoder/`` folder and its manifest."""
 
     name = "torch"
+    optimizer_file = "optimizer.safetensors"  # AdamW's moments per trainable tensor; step and lr in the metadata
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, slots: int, threads: int | None = None) -> None:
         try:
@@ -150,6 +192,7 @@ class TorchBackend:
                 f"{sorted(set(self.params) ^ expected)[:5]}"
             )
         self.optimizer = OrtAdamW(list(self.params.values()))
+        self.image_size = manifest.model.image_size
 
     def trainable_names(self) -> list[str]:
         return list(self.params)
@@ -187,6 +230,33 @@ class TorchBackend:
         self.model.train()
         with self.torch.no_grad():
             return [o.numpy() for o in self._run(inputs)]
+
+    def save_optimizer(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        opt = self.optimizer
+        tensors = {f"{kind}/{name}": t.contiguous() for name, m, v in zip(self.params, opt.m, opt.v) for kind, t in (("m", m), ("v", v))}
+        save_file(tensors, str(path), metadata={"step": str(opt.step_count), "lr": repr(opt.lr)})
+
+    def load_optimizer(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            expected = {f"{kind}/{name}" for name in self.params for kind in ("m", "v")}
+            if set(f.keys()) != expected or "step" not in meta:
+                raise BundleError(f"{path}: not this tier's optimizer state (its tensors differ from the tier's)")
+            with self.torch.no_grad():
+                for i, name in enumerate(self.params):
+                    self.optimizer.m[i].copy_(f.get_tensor(f"m/{name}"))
+                    self.optimizer.v[i].copy_(f.get_tensor(f"v/{name}"))
+            self.optimizer.step_count = int(meta["step"])
+
+    def export_inference(self, path: Path) -> None:
+        from exporter.onnx_export import example_inputs, export_inference_model
+
+        with self.torch.no_grad():
+            export_inference_model(self.model, example_inputs(self.model, 2, 16, self.image_size), Path(path))
 
 
 def ort_available() -> tuple[bool, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -240,7 +241,7 @@ def train(
 
     err = _err()
     try:
-        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, seed=seed)
+        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr, seed=seed, max_seq_len=max_seq_len)
         backend_name, backend_why = resolve_backend(backend)
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_ARGS, json_out)
@@ -278,7 +279,7 @@ def train(
     except BundleError as exc:
         _fail(str(exc), EXIT_BAD_ARGS, json_out)
     if choice.batch_size != config.batch_size:
-        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=choice.batch_size, learning_rate=lr, seed=seed)
+        config = dataclasses.replace(config, batch_size=choice.batch_size)
     if not json_out:
         err.print(f"tier {choice.slots}, batch {config.batch_size}: {choice.reason}", highlight=False)
     try:
@@ -374,7 +375,7 @@ def evaluate(
 
     from edge_runtime.backends import resolve_backend
     from edge_runtime.data import TextEncoder, encode_examples
-    from edge_runtime.local import STATE_FILE, WEIGHTS_FILE
+    from edge_runtime.local import STATE_FILE, StateError, read_run
     from edge_runtime.session import TierSession
     from edge_runtime.update import Update, UpdateError, default_assignment
 
@@ -388,8 +389,11 @@ def evaluate(
     examples = _load_data(manifest, bundle, data, text_column, label_column, label_map, skip_bad_rows, json_out)
     values = None
     if weights is not None and (weights / STATE_FILE).is_file():
-        state = json.loads((weights / STATE_FILE).read_text())
-        tier, assignment, values = int(state["tier"]), state["assignment"], load_file(str(weights / WEIGHTS_FILE))
+        try:
+            run, values, _ = read_run(weights)
+        except StateError as exc:
+            _fail(str(exc), EXIT_INVALID, json_out, "state")
+        tier, assignment = run.tier, run.assignment
     elif weights is not None:
         try:
             upd = Update.load(weights).validate(manifest)

@@ -2,9 +2,13 @@
 
 The run folder (``--out``) holds:
 
-- ``state.json``: position (epoch, batch, step), settings, the per-epoch history; ``weights.safetensors``: the
-  tier's trainable tensors. Both are rewritten atomically after every epoch, every ``save_every`` steps and on
-  Ctrl-C, so ``--resume`` continues where training stopped and nothing saved before is lost;
+- ``state.json``: position (epoch, batch, step), settings, the per-epoch history, and the name and SHA-256 of the
+  checkpoint folder it belongs to; ``ckpt-<step>-<tag>/``: ``weights.safetensors`` (the tier's trainable tensors)
+  and the optimizer's state (AdamW's moments and step; ``optimizer.ckpt`` or ``optimizer.safetensors`` by backend).
+  A save writes a new checkpoint folder completely, then replaces ``state.json`` (the one atomic commit), then
+  deletes older folders: a crash at any point leaves a complete, consistent pair, so ``--resume`` continues exactly
+  where training stopped (same batches, same AdamW moments) and nothing saved before is lost. Saves happen after
+  every epoch, every ``save_every`` steps and on Ctrl-C;
 - when training finishes: ``update.safetensors`` (the sparse update, ``docs/update-format.md``), ``model/``
   (ONNX inference model + config + tokenizer, loadable with optimum) and ``history.png`` (loss and accuracy).
 """
@@ -12,8 +16,10 @@ The run folder (``--out``) holds:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,15 +27,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edge_runtime.backends import TierBackend
 from edge_runtime.bundle import Manifest
 from edge_runtime.data import EncodedData
 from edge_runtime.session import RoutingStats, StepResult, TierSession, TrainConfig, TrainResult
 from edge_runtime.update import manifest_id
 
 STATE_FORMAT = "fftmoe-train-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
+CHECKPOINT_PREFIX = "ckpt-"
 
 
 class StateError(RuntimeError):
@@ -51,6 +59,8 @@ class RunState:
     route_counts: list[list[float]] = None  # type: ignore[assignment]
     route_prob_sum: list[list[float]] = None  # type: ignore[assignment]
     step_losses: list[float] = None  # type: ignore[assignment]  # training loss of every step, for the plot
+    checkpoint: str = ""  # folder (in the run folder) holding the weights and optimizer state of this position
+    checkpoint_files: dict[str, str] = None  # type: ignore[assignment]  # file name -> SHA-256
 
     def __post_init__(self) -> None:
         self.history = self.history or []
@@ -66,18 +76,36 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_state(out: Path, state: RunState, values: dict[str, np.ndarray]) -> None:
-    """Weights first, then the state that points at them: a crash in between leaves the older pair usable."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_state(out: Path, state: RunState, values: dict[str, np.ndarray], backend: TierBackend | None = None) -> None:
+    """Write a new checkpoint folder (weights, optimizer state), commit it by replacing state.json, drop older ones."""
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_FILE + ".partial")
-    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp), metadata={"step": str(state.step)})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    name = f"{CHECKPOINT_PREFIX}{state.step:08d}-{secrets.token_hex(3)}"
+    tmp = out / (name + ".partial")
+    tmp.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp / WEIGHTS_FILE), metadata={"step": str(state.step)})
+    if backend is not None:
+        backend.save_optimizer(tmp / backend.optimizer_file)
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    os.replace(tmp, out / name)
+    state.checkpoint, state.checkpoint_files = name, files
     _atomic_write_text(out / STATE_FILE, json.dumps(state.to_dict(), indent=2) + "\n")
+    for old in out.glob(CHECKPOINT_PREFIX + "*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(out: Path, manifest: Manifest, tier: int, config: TrainConfig) -> tuple[RunState, dict[str, np.ndarray]]:
+def read_run(out: Path) -> tuple[RunState, dict[str, np.ndarray], Path]:
+    """The committed state of a run folder, its weights (hash-checked) and its checkpoint folder."""
     from safetensors.numpy import load_file
 
     path = out / STATE_FILE
@@ -86,20 +114,30 @@ def load_state(out: Path, manifest: Manifest, tier: int, config: TrainConfig) ->
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if raw.get("format") != STATE_FORMAT or raw.get("format_version") != STATE_VERSION:
-            raise StateError(f"{path}: not a {STATE_FORMAT} version {STATE_VERSION} file")
+            raise StateError(f"{path}: not a {STATE_FORMAT} version {STATE_VERSION} file (written by another fftmoe?); start a new run")
         raw.pop("format"), raw.pop("format_version")
         state = RunState(**raw)
-        values = load_file(str(out / WEIGHTS_FILE))
+        folder = out / state.checkpoint
+        for file_name, digest in (state.checkpoint_files or {}).items():
+            if _sha256(folder / file_name) != digest:
+                raise StateError(f"{folder / file_name}: contents differ from the SHA-256 recorded in {path}")
+        values = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, ValueError, TypeError) as exc:
         raise StateError(f"{out}: saved state is damaged ({exc})") from exc
+    return state, values, folder
+
+
+def load_state(out: Path, manifest: Manifest, tier: int, config: TrainConfig) -> tuple[RunState, dict[str, np.ndarray], Path]:
+    """``read_run``, refused when the bundle, tier or the settings that fix the batches differ."""
+    state, values, folder = read_run(out)
     if state.manifest_id != manifest_id(manifest):
         raise StateError(f"{out} was trained from another bundle ({state.manifest_id}, this one is {manifest_id(manifest)})")
     if state.tier != tier:
         raise StateError(f"{out} trained tier {state.tier}; resume it with --tier {state.tier}")
-    for key in ("batch_size", "seed"):
+    for key in ("batch_size", "seed", "max_seq_len"):
         if state.config.get(key) != getattr(config, key):
             raise StateError(f"{out} was trained with --{key.replace('_', '-')} {state.config.get(key)}; resume with the same value")
-    return state, values
+    return state, values, folder
 
 
 def plot_history(history: list[dict[str, float]], path: Path, step_losses: list[float] | None = None) -> bool:
@@ -142,17 +180,7 @@ def write_inference_model(session: TierSession, bundle_dir: Path, out_dir: Path)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    backend = session.backend
-    if backend.name == "ort":
-        backend.session.module.export_model_for_inferencing(str(tmp / "model.onnx"), ["logits"])
-    else:
-        import torch
-
-        from exporter.onnx_export import example_inputs, export_inference_model
-
-        with torch.no_grad():
-            export_inference_model(backend.model, example_inputs(backend.model, 2, 16, session.manifest.model.image_size),
-                                   tmp / "model.onnx")  # fmt: skip
+    session.backend.export_inference(tmp / "model.onnx")
     manifest = session.manifest
     for entry in [*manifest.inference_files, *manifest.tokenizer_files]:
         src = bundle_dir / entry.path
@@ -186,8 +214,11 @@ def train_local(
     """Train ``session`` (already loaded) on ``train_data`` epoch by epoch, saving state; see the module docstring."""
     manifest = session.manifest
     if resume:
-        state, values = load_state(out, manifest, session.slots, config)
+        state, values, folder = load_state(out, manifest, session.slots, config)
         session.assignment = state.assignment
+        optimizer_state = folder / session.backend.optimizer_file
+        if optimizer_state.is_file():
+            session.backend.load_optimizer(optimizer_state)
         session.set_values(values)
         state.config = asdict(config)
         if state.finished and state.epoch >= config.epochs:
@@ -204,7 +235,7 @@ def train_local(
     def checkpoint() -> None:
         state.route_counts = stats.route_counts.tolist()
         state.route_prob_sum = stats.route_prob_sum.tolist()
-        save_state(out, state, session.values())
+        save_state(out, state, session.values(), session.backend)
 
     def step_hook(r: StepResult) -> None:
         state.epoch, state.batch_in_epoch, state.step = r.epoch, r.batch_in_epoch, r.step

@@ -38,6 +38,8 @@ class TrainConfig:
     """AdamW learning rate of the experts, routers and head (--lr)."""
     seed: int = 0
     """Seed of the data order (--seed); the same seed gives the same batches, also after --resume."""
+    max_seq_len: int | None = None
+    """Rows are truncated to this many tokens (--max-seq-len; None: the bundle's maximum); part of the batches."""
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -73,8 +73,10 @@ def test_train_then_evaluate_the_run_and_its_update(tiny_bundle: Path, tmp_path:
     assert report["finished"] and report["tier"] == 2 and report["backend"] == "ort"
     assert (report["train_examples"], report["eval_examples"]) == (37, 3)  # a stratified 10% hold-out: 1 of each label
     assert report["steps"] == 10 and [h["epoch"] for h in report["history"]] == [1, 2]
-    for name in ("update.safetensors", "state.json", "weights.safetensors", "history.png", "model/model.onnx"):
+    for name in ("update.safetensors", "state.json", "history.png", "model/model.onnx"):
         assert (out / name).exists(), name
+    (ckpt,) = out.glob("ckpt-*")
+    assert {p.name for p in ckpt.iterdir()} == {"weights.safetensors", "optimizer.ckpt"}
     by_run = json.loads(runner.invoke(app, ["evaluate", *args, "--weights", str(out), "--json"]).stdout)
     by_update = json.loads(runner.invoke(app, ["evaluate", *args, "--weights", str(out / "update.safetensors"), "--json"]).stdout)
     initial = json.loads(runner.invoke(app, ["evaluate", *args, "--tier", "2", "--json"]).stdout)

@@ -46,6 +46,25 @@ def test_moe_output_is_gate_weighted_sum_of_selected_experts() -> None:
     np.testing.assert_allclose(delta.detach().numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_slots_give_the_per_expert_gradients() -> None:
+    """The two-GEMM forward has the gradients of sum_j g_j E_j(h) computed one expert at a time."""
+    torch.manual_seed(2)
+    moe = MoEAdapter(hidden_size=6, slots=4, expert_dim=3, top_k=2)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_()
+    h = torch.randn(2, 5, 6)
+    moe(h)[0].square().sum().backward()
+    fused = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    _, _, gates = moe.router(h)
+    ref = sum(gates[..., j : j + 1] * e(h) for j, e in enumerate(moe.experts))
+    ref.square().sum().backward()
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert fused["experts.0.w1"].abs().sum() > 0
+
+
 def test_expert_is_two_layer_ffn() -> None:
     e = Expert(4, 3)
     with torch.no_grad():
