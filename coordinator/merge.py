@@ -1,0 +1,94 @@
+"""The sparse per-expert merge, as pure functions over the global pool (no Flower).
+
+Stock FedAvg cannot do this: it refuses replies whose keys differ and divides by the weight of every reply. Here
+each global expert is the weighted mean over only the nodes that trained it this round; experts nobody trained
+keep their values; router rows likewise per global expert, over the nodes that held them (a one-slot tier has no
+router); the head over every node. Weights: the number of training examples (default) or, per expert, the tokens
+the node routed to it (``weighting="tokens"``; an expert whose holders routed no tokens to it keeps its value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.bundle import EXPERT_TENSORS, HEAD_TENSORS, ROUTER_TENSORS, global_expert_key, global_head_key, global_router_key
+from edge_runtime.update import Update, router_rows_key
+
+WEIGHTINGS = ("examples", "tokens")
+
+
+@dataclass
+class MergeReport:
+    """What a merge changed: (layer, expert) -> the nodes' weights, in the order of the updates given."""
+
+    experts: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    untouched: list[tuple[int, int]] = field(default_factory=list)
+    head_weight: float = 0.0
+
+
+def _weight(update: Update, layer: int, slot: int, weighting: str) -> float:
+    if weighting == "examples":
+        return float(update.num_examples)
+    return float(update.route_counts[layer, slot])
+
+
+def merge_updates(
+    pool: dict[str, np.ndarray], updates: list[Update], num_layers: int, num_experts: int, weighting: str = "examples"
+) -> tuple[dict[str, np.ndarray], MergeReport]:
+    """A new pool: ``pool`` with every expert, router row and the head replaced by the weighted mean of the
+    updates that carry it. The updates must already be validated (``Update.validate``); ``pool`` is not modified."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    new = {k: v.copy() for k, v in pool.items()}
+    report = MergeReport()
+    if not updates:
+        report.untouched = [(l, e) for l in range(num_layers) for e in range(num_experts)]
+        return new, report
+    for layer in range(num_layers):
+        router = {t: new[global_router_key(layer, t)] for t in ROUTER_TENSORS}
+        for e in range(num_experts):
+            holders = [(u, u.assignment[layer].index(e)) for u in updates if e in u.assignment[layer]]
+            weights = [_weight(u, layer, slot, weighting) for u, slot in holders]
+            total = sum(weights)
+            if not holders or total <= 0:
+                report.untouched.append((layer, e))
+                continue
+            report.experts[(layer, e)] = weights
+            for t in EXPERT_TENSORS:
+                key = global_expert_key(layer, e, t)
+                new[key] = sum(w * u.tensors[key].astype(np.float64) for w, (u, _) in zip(weights, holders)) / total
+                new[key] = new[key].astype(np.float32)
+            rows = [(w, u, slot) for w, (u, slot) in zip(weights, holders) if router_rows_key(layer, "weight") in u.tensors]
+            row_total = sum(w for w, _, _ in rows)
+            if rows and row_total > 0:
+                for t in ROUTER_TENSORS:
+                    merged = sum(w * u.tensors[router_rows_key(layer, t)][slot].astype(np.float64) for w, u, slot in rows) / row_total
+                    router[t][e] = merged.astype(np.float32)
+    head_total = float(sum(u.num_examples for u in updates))
+    for t in HEAD_TENSORS:
+        key = global_head_key(t)
+        new[key] = (sum(u.num_examples * u.tensors[key].astype(np.float64) for u in updates) / head_total).astype(np.float32)
+    report.head_weight = head_total
+    return new, report
+
+
+def fleet_usage(updates: list[Update], num_layers: int, num_experts: int) -> np.ndarray | None:
+    """[L, M] share of the round's routed tokens per global expert over all updates; None when no tokens."""
+    counts = np.zeros((num_layers, num_experts))
+    for u in updates:
+        rc = u.route_counts
+        for layer, ids in enumerate(u.assignment):
+            counts[layer, ids] += rc[layer]
+    totals = counts.sum(axis=1, keepdims=True)
+    if not (totals > 0).all():
+        return None
+    return counts / totals
+
+
+def update_usage(previous: np.ndarray, round_usage: np.ndarray | None, momentum: float = 0.7) -> np.ndarray:
+    """Moving average of fleet usage: ``momentum * previous + (1 - momentum) * round_usage`` (unchanged if None)."""
+    if round_usage is None:
+        return previous
+    return momentum * previous + (1.0 - momentum) * round_usage

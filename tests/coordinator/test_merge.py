@@ -1,0 +1,115 @@
+"""The sparse merge against a direct NumPy computation, on synthetic updates (no bundle, no Flower)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.merge import fleet_usage, merge_updates, update_usage
+from edge_runtime.update import Update
+
+L, M, D, R, C = 2, 4, 3, 2, 2  # layers, global experts, hidden, expert width, labels
+SHAPES = {"w1": (D, R), "b1": (R,), "w2": (R, D), "b2": (D,)}
+
+
+def make_pool(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pool = {f"layers.{l}.experts.{e}.{t}": rng.normal(size=s).astype(np.float32) for l in range(L) for e in range(M) for t, s in SHAPES.items()}
+    for l in range(L):
+        pool[f"layers.{l}.router.weight"] = rng.normal(size=(M, D)).astype(np.float32)
+        pool[f"layers.{l}.router.bias"] = rng.normal(size=(M,)).astype(np.float32)
+    pool["head.weight"] = rng.normal(size=(C, D)).astype(np.float32)
+    pool["head.bias"] = rng.normal(size=(C,)).astype(np.float32)
+    return pool
+
+
+def make_update(assignment: list[list[int]], examples: int, seed: int, counts: np.ndarray | None = None) -> Update:
+    rng = np.random.default_rng(seed)
+    t = len(assignment[0])
+    tensors = {f"layers.{l}.experts.{e}.{n}": rng.normal(size=s).astype(np.float32)
+               for l, ids in enumerate(assignment) for e in ids for n, s in SHAPES.items()}  # fmt: skip
+    if t > 1:
+        for l in range(L):
+            tensors[f"layers.{l}.router_rows.weight"] = rng.normal(size=(t, D)).astype(np.float32)
+            tensors[f"layers.{l}.router_rows.bias"] = rng.normal(size=(t,)).astype(np.float32)
+    tensors["head.weight"] = rng.normal(size=(C, D)).astype(np.float32)
+    tensors["head.bias"] = rng.normal(size=(C,)).astype(np.float32)
+    tensors["stats.route_counts"] = (np.ones((L, t)) if counts is None else counts).astype(np.float32)
+    tensors["stats.route_prob_sum"] = np.ones((L, t), np.float32)
+    return Update("0" * 16, t, assignment, examples, tensors)
+
+
+def key(l: int, e: int, t: str) -> str:
+    return f"layers.{l}.experts.{e}.{t}"
+
+
+def test_expert_trained_by_one_of_three_takes_only_its_values() -> None:
+    pool = make_pool()
+    a = make_update([[0, 1], [0, 1]], 10, 1)
+    b = make_update([[0, 2], [1, 2]], 30, 2)
+    c = make_update([[0, 1], [1, 2]], 60, 3)  # noqa: E501  expert 3 of every layer: nobody
+    new, report = merge_updates(pool, [a, b, c], L, M)
+    # Layer 0, expert 2: only b trained it -> exactly b's values (not divided by all replies' weight).
+    for t in SHAPES:
+        np.testing.assert_array_equal(new[key(0, 2, t)], b.tensors[key(0, 2, t)])
+        np.testing.assert_array_equal(new[key(0, 3, t)], pool[key(0, 3, t)])  # untrained: unchanged
+        np.testing.assert_array_equal(new[key(1, 0, t)], a.tensors[key(1, 0, t)])
+    assert (0, 3) in report.untouched and (1, 3) in report.untouched
+    # Layer 0, expert 1: a (10) and c (60), normalised over those two only.
+    for t in SHAPES:
+        want = (10 * a.tensors[key(0, 1, t)].astype(np.float64) + 60 * c.tensors[key(0, 1, t)]) / 70
+        np.testing.assert_allclose(new[key(0, 1, t)], want, rtol=1e-6)
+    # Layer 0, expert 0: all three.
+    want = (10 * a.tensors[key(0, 0, "w1")].astype(np.float64) + 30 * b.tensors[key(0, 0, "w1")] + 60 * c.tensors[key(0, 0, "w1")]) / 100
+    np.testing.assert_allclose(new[key(0, 0, "w1")], want, rtol=1e-6)
+    # Router rows go to the holder's global rows: layer 1, expert 2 is b's slot 1 and c's slot 1.
+    want_row = (30 * b.tensors["layers.1.router_rows.weight"][1].astype(np.float64) + 60 * c.tensors["layers.1.router_rows.weight"][1]) / 90
+    np.testing.assert_allclose(new["layers.1.router.weight"][2], want_row, rtol=1e-6)
+    np.testing.assert_array_equal(new["layers.1.router.weight"][3], pool["layers.1.router.weight"][3])
+    # Head: everyone, by examples.
+    want_head = (10 * a.tensors["head.bias"].astype(np.float64) + 30 * b.tensors["head.bias"] + 60 * c.tensors["head.bias"]) / 100
+    np.testing.assert_allclose(new["head.bias"], want_head, rtol=1e-6)
+    assert report.experts[(0, 1)] == [10.0, 60.0]
+
+
+def test_pool_is_not_modified_and_no_update_changes_nothing() -> None:
+    pool = make_pool()
+    before = {k: v.copy() for k, v in pool.items()}
+    merge_updates(pool, [make_update([[0, 1], [2, 3]], 5, 1)], L, M)
+    new, report = merge_updates(pool, [], L, M)
+    for k in pool:
+        np.testing.assert_array_equal(pool[k], before[k])
+        np.testing.assert_array_equal(new[k], before[k])
+    assert len(report.untouched) == L * M
+
+
+def test_token_weighting_uses_each_holders_routed_tokens() -> None:
+    pool = make_pool()
+    a = make_update([[0, 1], [0, 1]], 10, 1, counts=np.array([[3.0, 0.0], [1.0, 1.0]]))
+    b = make_update([[0, 1], [0, 1]], 90, 2, counts=np.array([[1.0, 0.0], [1.0, 1.0]]))
+    new, report = merge_updates(pool, [a, b], L, M, weighting="tokens")
+    want = (3 * a.tensors[key(0, 0, "b2")].astype(np.float64) + 1 * b.tensors[key(0, 0, "b2")]) / 4
+    np.testing.assert_allclose(new[key(0, 0, "b2")], want, rtol=1e-6)
+    np.testing.assert_array_equal(new[key(0, 1, "b2")], pool[key(0, 1, "b2")])  # no tokens routed to it: kept
+    assert (0, 1) in report.untouched
+    with pytest.raises(ValueError, match="weighting"):
+        merge_updates(pool, [a], L, M, weighting="bytes")
+
+
+def test_one_slot_tier_leaves_router_rows_to_others() -> None:
+    pool = make_pool()
+    solo = make_update([[2], [2]], 50, 1)
+    new, _ = merge_updates(pool, [solo], L, M)
+    np.testing.assert_array_equal(new["layers.0.router.weight"], pool["layers.0.router.weight"])
+    np.testing.assert_array_equal(new[key(0, 2, "w2")], solo.tensors[key(0, 2, "w2")])
+
+
+def test_fleet_usage_and_its_moving_average() -> None:
+    a = make_update([[0, 1], [0, 1]], 1, 1, counts=np.array([[3.0, 1.0], [2.0, 2.0]]))
+    b = make_update([[1, 2], [2, 3]], 1, 2, counts=np.array([[2.0, 2.0], [0.0, 4.0]]))
+    usage = fleet_usage([a, b], L, M)
+    np.testing.assert_allclose(usage[0], [3 / 8, 3 / 8, 2 / 8, 0])
+    np.testing.assert_allclose(usage[1], [2 / 8, 2 / 8, 0, 4 / 8])
+    prev = np.full((L, M), 0.25)
+    np.testing.assert_allclose(update_usage(prev, usage, 0.5), 0.5 * prev + 0.5 * usage)
+    assert update_usage(prev, None) is prev
