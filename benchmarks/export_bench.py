@@ -14,6 +14,7 @@ This is a benchmark, not a test: it asserts nothing about speed.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,7 +59,12 @@ def torch_step(bundle: Path, slots: int, batch: int, seq_len: int, threads: int,
 
 def interleaved_step(bundle: Path, slots: int, batch: int, seq_len: int, threads: int, steps: int) -> None:
     """Child: ORT and PyTorch steps of one tier alternating in one process (the order swapped every round), so that
-    each ratio compares two steps taken seconds apart under the same machine load; prints medians as JSON."""
+    each ratio compares two steps taken seconds apart under the same machine load; prints medians as JSON.
+
+    Neither runtime's idle threads may busy-wait here (ORT's allow_spinning off, OMP_WAIT_POLICY=PASSIVE), or the
+    one that just ran would take cores from the other: that alone made PyTorch steps 2-3x slower in this child.
+    """
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch loads its OpenMP runtime
     import torch
 
     from edge_runtime.bundle import load_manifest, tier_file_paths
@@ -73,7 +79,7 @@ def interleaved_step(bundle: Path, slots: int, batch: int, seq_len: int, threads
     batch_np = spec.make()
     batch_pt = [torch.from_numpy(x) for x in batch_np]
     opt = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-3)
-    ort = OrtTierSession(tier_file_paths(bundle / "tiers" / f"t{slots}"), threads=threads)
+    ort = OrtTierSession(tier_file_paths(bundle / "tiers" / f"t{slots}"), threads=threads, spinning=False)
 
     def pt_step() -> None:
         opt.zero_grad()

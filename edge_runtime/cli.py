@@ -191,6 +191,19 @@ def _load_data(manifest, bundle: Path, data: Path, text_column: list[str], label
         _fail(str(exc), EXIT_BAD_ARGS, json_out, "data")
 
 
+def optimizer_state_fits(manifest, choice, backend: str) -> tuple[bool, str]:  # noqa: ANN001
+    """Whether saving ORT's full checkpoint (about twice its size, transiently) fits the budget beside training."""
+    if backend != "ort":
+        return True, ""
+    estimate = next((e for e in choice.estimates if e.slots == choice.slots), None)
+    if estimate is None or estimate.memory_mb is None:
+        return True, ""
+    need = estimate.memory_mb + 2 * manifest.tier(choice.slots).files["checkpoint"].size / 1e6
+    if need <= choice.budget_mb:
+        return True, ""
+    return False, f"it would need ~{need:.0f} MB against a budget of {choice.budget_mb:.0f} MB; --optimizer-state forces it"
+
+
 TEXT_COLUMN_HELP = "Column(s) holding the text; repeat to join several (e.g. --text-column title --text-column description)."
 LABEL_MAP_HELP = "Map data label values to the bundle's labels, e.g. 1=World,2=Sports,3=Business,4=Sci/Tech."
 
@@ -220,6 +233,11 @@ def train(
     threads: Optional[int] = typer.Option(None, help="Compute threads (default: all cores)."),
     save_every: int = typer.Option(200, help="Also save the state every this many steps (0: only per epoch and on Ctrl-C)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (same bundle, tier, batch size and seed)."),
+    optimizer_state: Optional[bool] = typer.Option(
+        None, "--optimizer-state/--no-optimizer-state",
+        help="Save AdamW's moments with each checkpoint so that --resume continues exactly. With ONNX Runtime that writes "
+             "the whole model and briefly needs about twice its size; default: on when the memory budget has room for it.",
+    ),  # fmt: skip
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bars)."),
 ) -> None:
     """Fine-tune a tier of the bundle's experts on local data, without a server.
@@ -280,6 +298,11 @@ def train(
         _fail(str(exc), EXIT_BAD_ARGS, json_out)
     if choice.batch_size != config.batch_size:
         config = dataclasses.replace(config, batch_size=choice.batch_size)
+    if optimizer_state is None:
+        optimizer_state, why_not = optimizer_state_fits(manifest, choice, backend_name)
+        if not optimizer_state and not json_out:
+            err.print(f"optimizer state not saved with checkpoints ({why_not}); --resume restarts AdamW's moments", highlight=False)
+    config = dataclasses.replace(config, save_optimizer=optimizer_state)
     if not json_out:
         err.print(f"tier {choice.slots}, batch {config.batch_size}: {choice.reason}", highlight=False)
     try:

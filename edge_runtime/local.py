@@ -235,7 +235,7 @@ def train_local(
     def checkpoint() -> None:
         state.route_counts = stats.route_counts.tolist()
         state.route_prob_sum = stats.route_prob_sum.tolist()
-        save_state(out, state, session.values(), session.backend)
+        save_state(out, state, session.values(), session.backend if config.save_optimizer else None)
 
     def step_hook(r: StepResult) -> None:
         state.epoch, state.batch_in_epoch, state.step = r.epoch, r.batch_in_epoch, r.step
@@ -260,7 +260,7 @@ def train_local(
             return state
         entry: dict[str, float] = {"epoch": epoch + 1, "train_loss": result.mean_loss, "steps": state.step, "seconds": result.seconds}
         if eval_data is not None and len(eval_data):
-            metrics = session.evaluate(eval_data, config.eval_batch_size, on_eval_batch)
+            metrics = session.evaluate(eval_data, config.eval_batch_size or config.batch_size, on_eval_batch)
             entry.update(eval_accuracy=metrics["accuracy"], eval_loss=metrics["loss"])
         state.history.append(entry)
         state.epoch, state.batch_in_epoch = epoch + 1, 0

@@ -54,11 +54,16 @@ def import_training_api() -> types.ModuleType:
         raise BackendUnavailableError(f"cannot import onnxruntime.training.api: {exc}") from exc
 
 
-def session_options(threads: int | None) -> Any:
+def session_options(threads: int | None, spinning: bool = True) -> Any:
+    """Session options; ``spinning=False`` makes idle ORT threads sleep at once instead of busy-waiting (for
+    measurements that share the cores with another runtime)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the training graph's unused-initializer warnings are expected
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -72,12 +77,12 @@ class OrtTierSession:
     Inputs are numpy arrays in the manifest's input order; outputs come back in ``bundle.OUTPUTS`` order.
     """
 
-    def __init__(self, files: dict[str, Path], threads: int | None = None, with_optimizer: bool = True) -> None:
+    def __init__(self, files: dict[str, Path], threads: int | None = None, with_optimizer: bool = True, spinning: bool = True) -> None:
         api = import_training_api()
         self.state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
         # The Module must exist before any parameter of the state is written (writing first segfaults).
         self.module = api.Module(
-            str(files["training_model"]), self.state, str(files["eval_model"]), session_options=session_options(threads)
+            str(files["training_model"]), self.state, str(files["eval_model"]), session_options=session_options(threads, spinning)
         )
         self.optimizer = api.Optimizer(str(files["optimizer_model"]), self.module) if with_optimizer else None
 

@@ -40,14 +40,19 @@ class TrainConfig:
     """Seed of the data order (--seed); the same seed gives the same batches, also after --resume."""
     max_seq_len: int | None = None
     """Rows are truncated to this many tokens (--max-seq-len; None: the bundle's maximum); part of the batches."""
-    eval_batch_size: int = 64
+    save_optimizer: bool = True
+    """Save AdamW's state with every checkpoint, so that --resume continues exactly (--optimizer-state). With ONNX
+    Runtime this writes the whole model and briefly needs about twice its size; the CLI turns it off by default
+    where the memory budget has no room for that."""
+    eval_batch_size: int | None = None
+    """Examples per evaluation batch; None: the training batch size, which the tier choice made fit in memory."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
+        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--lr must be a positive number, got {self.learning_rate}")

@@ -142,3 +142,20 @@ def test_ctrl_c_saves_the_state_and_resume_finishes(tiny_bundle: Path, tmp_path:
     done = json.loads(finish.stdout)
     assert done["finished"] and done["steps"] > state["step"] and done["epochs_done"] == state["epoch"] + 1
     assert (out / "update.safetensors").exists()
+
+
+def test_optimizer_state_is_saved_only_where_the_budget_has_room(tiny_bundle: Path) -> None:
+    from edge_runtime.bundle import load_manifest
+    from edge_runtime.cli import optimizer_state_fits
+    from edge_runtime.profile import TierChoice, TierEstimate
+
+    manifest = load_manifest(tiny_bundle)
+    ckpt_mb = manifest.tier(2).files["checkpoint"].size / 1e6
+
+    def choice(budget: float) -> TierChoice:
+        return TierChoice(2, 16, budget, "ort", [TierEstimate(2, 16, 100.0, 1.0, True, "")], "")
+
+    assert optimizer_state_fits(manifest, choice(100 + 2 * ckpt_mb + 1), "ort") == (True, "")
+    fits, why = optimizer_state_fits(manifest, choice(100 + ckpt_mb), "ort")
+    assert not fits and "--optimizer-state forces it" in why
+    assert optimizer_state_fits(manifest, choice(1.0), "torch")[0]  # the PyTorch backend saves only the moments
