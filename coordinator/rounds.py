@@ -15,7 +15,7 @@ from coordinator.plan import assign_experts, preferences_from_stats, routing_tar
 from coordinator.state import GlobalState
 from edge_runtime.bundle import Manifest
 from edge_runtime.records import TrainInstruction
-from edge_runtime.update import Update, UpdateError, tier_values_from_pool
+from edge_runtime.update import Update, UpdateError, tier_values_from_pool, tier_values_to_global
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ def plan_round(state: GlobalState, manifest: Manifest, tiers: dict[int, int], tr
     out = {}
     for node, slots in tiers.items():
         values = tier_values_from_pool(manifest, slots, state.pool, assignment[node])
-        names = Update.from_tier_values(manifest, slots, assignment[node], values, 1,
-                                        np.zeros((manifest.num_layers, slots)), np.zeros((manifest.num_layers, slots))).tensors  # fmt: skip
-        values_by_global = {k: v for k, v in names.items() if not k.startswith("stats.")}
+        values_by_global = tier_values_to_global(manifest, slots, assignment[node], values)
         out[node] = TrainInstruction(state.manifest_id, state.round + 1, slots, assignment[node],
                                      routing_target(assignment[node], state.usage), values_by_global, dict(train))  # fmt: skip
     return out
@@ -52,6 +50,7 @@ def screen_replies(
     replayed), and updates that fail ``Update.validate`` with the node's assignment.
     """
     out = Screened()
+    round_now = next(iter(sent.values())).round if sent else None
     for node, reply in replies.items():
         if isinstance(reply, str):
             out.rejected[node] = f"node failed: {reply}"
@@ -68,7 +67,7 @@ def screen_replies(
                 except UpdateError as exc:
                     out.rejected[node] = str(exc)
         if node in out.rejected:
-            log.warning("round %s: reply of node %s rejected: %s", next(iter(sent.values())).round if sent else "?", node, out.rejected[node])
+            log.warning("round %s: reply of node %s rejected: %s", round_now, node, out.rejected[node])
     return out
 
 

@@ -15,34 +15,25 @@ older folders: a crash at any moment leaves the last completed round loadable, a
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_runtime.checkpoints import commit_checkpoint, first_mismatch
+
 STATE_FORMAT = "fftmoe-global-state"
 STATE_VERSION = 1
 LATEST = "latest.json"
 POOL_FILE = "pool.safetensors"
 STATE_FILE = "state.json"
+CHECKPOINT_PREFIX = "round-"
 
 
 class GlobalStateError(RuntimeError):
     """A state folder cannot be loaded: missing, damaged, or from another bundle. The message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -62,26 +53,19 @@ class GlobalState:
         """Write this state as a new checkpoint of ``folder`` and commit it; returns the checkpoint folder."""
         from safetensors.numpy import save_file
 
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"round-{self.round:05d}-{secrets.token_hex(3)}"
-        tmp = folder / (name + ".partial")
-        tmp.mkdir()
-        save_file({k: np.ascontiguousarray(v) for k, v in self.pool.items()}, str(tmp / POOL_FILE))
-        meta = {
-            "manifest_id": self.manifest_id, "round": self.round, "usage": self.usage.tolist(),
-            "preferences": {str(n): p.tolist() for n, p in self.preferences.items()}, "history": self.history,
-        }  # fmt: skip
-        (tmp / STATE_FILE).write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        os.replace(tmp, folder / name)
-        pointer = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "checkpoint": name, "files": files}
-        partial = folder / (LATEST + ".partial")
-        partial.write_text(json.dumps(pointer, indent=2) + "\n", encoding="utf-8")
-        os.replace(partial, folder / LATEST)
-        for old in folder.glob("round-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        return folder / name
+        def write(ckpt: Path) -> None:
+            save_file({k: np.ascontiguousarray(v) for k, v in self.pool.items()}, str(ckpt / POOL_FILE))
+            meta = {
+                "manifest_id": self.manifest_id, "round": self.round, "usage": self.usage.tolist(),
+                "preferences": {str(n): p.tolist() for n, p in self.preferences.items()}, "history": self.history,
+            }  # fmt: skip
+            (ckpt / STATE_FILE).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+
+        def pointer_text(name: str, files: dict[str, str]) -> str:
+            pointer = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "checkpoint": name, "files": files}
+            return json.dumps(pointer, indent=2) + "\n"
+
+        return commit_checkpoint(folder, CHECKPOINT_PREFIX, f"{self.round:05d}", write, folder / LATEST, pointer_text)
 
     @classmethod
     def load(cls, folder: Path, manifest_id: str | None = None) -> GlobalState:
@@ -96,9 +80,9 @@ class GlobalState:
             if pointer.get("format") != STATE_FORMAT or pointer.get("format_version") != STATE_VERSION:
                 raise GlobalStateError(f"{pointer_path}: not a {STATE_FORMAT} version {STATE_VERSION} file")
             ckpt = folder / pointer["checkpoint"]
-            for file_name, digest in pointer["files"].items():
-                if _sha256(ckpt / file_name) != digest:
-                    raise GlobalStateError(f"{ckpt / file_name}: contents differ from the SHA-256 recorded in {pointer_path}")
+            bad = first_mismatch(ckpt, pointer["files"])
+            if bad is not None:
+                raise GlobalStateError(f"{bad}: contents differ from the SHA-256 recorded in {pointer_path}")
             meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
             pool = load_file(str(ckpt / POOL_FILE))
             state = cls(meta["manifest_id"], pool, np.asarray(meta["usage"], np.float64), int(meta["round"]),

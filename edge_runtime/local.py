@@ -16,10 +16,8 @@ The run folder (``--out``) holds:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 
 from edge_runtime.backends import TierBackend
 from edge_runtime.bundle import Manifest
+from edge_runtime.checkpoints import commit_checkpoint, first_mismatch
 from edge_runtime.data import EncodedData
 from edge_runtime.session import RoutingStats, StepResult, TierSession, TrainConfig, TrainResult
 from edge_runtime.update import manifest_id
@@ -70,38 +69,20 @@ class RunState:
         return {"format": STATE_FORMAT, "format_version": STATE_VERSION, **asdict(self)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_state(out: Path, state: RunState, values: dict[str, np.ndarray], backend: TierBackend | None = None) -> None:
     """Write a new checkpoint folder (weights, optimizer state), commit it by replacing state.json, drop older ones."""
     from safetensors.numpy import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{CHECKPOINT_PREFIX}{state.step:08d}-{secrets.token_hex(3)}"
-    tmp = out / (name + ".partial")
-    tmp.mkdir()
-    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp / WEIGHTS_FILE), metadata={"step": str(state.step)})
-    if backend is not None:
-        backend.save_optimizer(tmp / backend.optimizer_file)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    os.replace(tmp, out / name)
-    state.checkpoint, state.checkpoint_files = name, files
-    _atomic_write_text(out / STATE_FILE, json.dumps(state.to_dict(), indent=2) + "\n")
-    for old in out.glob(CHECKPOINT_PREFIX + "*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    def write(folder: Path) -> None:
+        save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(folder / WEIGHTS_FILE), metadata={"step": str(state.step)})
+        if backend is not None:
+            backend.save_optimizer(folder / backend.optimizer_file)
+
+    def pointer_text(name: str, files: dict[str, str]) -> str:
+        state.checkpoint, state.checkpoint_files = name, files
+        return json.dumps(state.to_dict(), indent=2) + "\n"
+
+    commit_checkpoint(out, CHECKPOINT_PREFIX, f"{state.step:08d}", write, out / STATE_FILE, pointer_text)
 
 
 def read_run(out: Path) -> tuple[RunState, dict[str, np.ndarray], Path]:
@@ -118,9 +99,9 @@ def read_run(out: Path) -> tuple[RunState, dict[str, np.ndarray], Path]:
         raw.pop("format"), raw.pop("format_version")
         state = RunState(**raw)
         folder = out / state.checkpoint
-        for file_name, digest in (state.checkpoint_files or {}).items():
-            if _sha256(folder / file_name) != digest:
-                raise StateError(f"{folder / file_name}: contents differ from the SHA-256 recorded in {path}")
+        bad = first_mismatch(folder, state.checkpoint_files or {})
+        if bad is not None:
+            raise StateError(f"{bad}: contents differ from the SHA-256 recorded in {path}")
         values = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, ValueError, TypeError) as exc:
         raise StateError(f"{out}: saved state is damaged ({exc})") from exc

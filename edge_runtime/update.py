@@ -91,6 +91,21 @@ def tier_values_from_pool(
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
+def tier_values_to_global(
+    manifest: Manifest, slots: int, assignment: list[list[int]], values: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A tier's values (by ONNX name) under the update format's global names: assigned experts, router rows, head."""
+    tier = manifest.tier(slots)
+    out: dict[str, np.ndarray] = {}
+    for p in tier.slot_params:
+        out[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)] = values[p.name]
+    for p in tier.router_params:
+        out[router_rows_key(p.layer, p.tensor)] = values[p.name]
+    for p in tier.head_params:
+        out[global_head_key(p.tensor)] = values[p.name]
+    return out
+
+
 @dataclass
 class Update:
     """What one device sends back after a training session on its tier."""
@@ -119,14 +134,7 @@ class Update:
         metrics: dict[str, float] | None = None,
     ) -> Update:
         """Map a tier's trained values (by ONNX name) back to global expert ids."""
-        tier = manifest.tier(slots)
-        tensors: dict[str, np.ndarray] = {}
-        for p in tier.slot_params:
-            tensors[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)] = values[p.name]
-        for p in tier.router_params:
-            tensors[router_rows_key(p.layer, p.tensor)] = values[p.name]
-        for p in tier.head_params:
-            tensors[global_head_key(p.tensor)] = values[p.name]
+        tensors = tier_values_to_global(manifest, slots, assignment, values)
         tensors["stats.route_counts"] = np.asarray(route_counts, np.float32)
         tensors["stats.route_prob_sum"] = np.asarray(route_prob_sum, np.float32)
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}

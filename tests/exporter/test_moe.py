@@ -31,13 +31,18 @@ def test_router_picks_top_k_and_renormalises_gates() -> None:
     np.testing.assert_allclose(gates.detach().numpy(), want_gates, rtol=1e-5, atol=1e-6)
 
 
-def test_moe_output_is_gate_weighted_sum_of_selected_experts() -> None:
-    torch.manual_seed(1)
-    moe = MoEAdapter(hidden_size=6, slots=3, expert_dim=4, top_k=2)
+def random_moe(seed: int, slots: int, expert_dim: int) -> tuple[MoEAdapter, torch.Tensor]:
+    """An adapter (d = 6, top-2) with standard-normal parameters, and an input [2, 5, 6]."""
+    torch.manual_seed(seed)
+    moe = MoEAdapter(hidden_size=6, slots=slots, expert_dim=expert_dim, top_k=2)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_()
-    h = torch.randn(2, 5, 6)
+    return moe, torch.randn(2, 5, 6)
+
+
+def test_moe_output_is_gate_weighted_sum_of_selected_experts() -> None:
+    moe, h = random_moe(seed=1, slots=3, expert_dim=4)
     delta, probs, selected = moe(h)
     gates = (probs * selected / (probs * selected).sum(-1, keepdim=True)).detach().numpy()
     want = np.zeros(h.shape, np.float32)
@@ -48,12 +53,7 @@ def test_moe_output_is_gate_weighted_sum_of_selected_experts() -> None:
 
 def test_fused_slots_give_the_per_expert_gradients() -> None:
     """The two-GEMM forward has the gradients of sum_j g_j E_j(h) computed one expert at a time."""
-    torch.manual_seed(2)
-    moe = MoEAdapter(hidden_size=6, slots=4, expert_dim=3, top_k=2)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_()
-    h = torch.randn(2, 5, 6)
+    moe, h = random_moe(seed=2, slots=4, expert_dim=3)
     moe(h)[0].square().sum().backward()
     fused = {n: p.grad.clone() for n, p in moe.named_parameters()}
     moe.zero_grad()

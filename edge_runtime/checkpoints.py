@@ -1,0 +1,58 @@
+"""Crash-safe checkpoint folders, shared by the device's run folder and the coordinator's state folder.
+
+A save writes a new folder ``<name>.partial`` completely, renames it to ``<name>``, then replaces a small pointer
+file (which names the folder and the SHA-256 of its files) in one atomic rename, then deletes the older folders.
+A crash at any moment leaves the previous pointer and the folder it names intact; a reader checks the hashes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from edge_runtime.bundle import sha256_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file, never a part."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def checkpoint_name(prefix: str, number: str) -> str:
+    """A fresh folder name, ``<prefix><number>-<6 hex>``: saving the same step twice never reuses the live folder."""
+    return f"{prefix}{number}-{secrets.token_hex(3)}"
+
+
+def commit_checkpoint(
+    root: Path, prefix: str, number: str, write: Callable[[Path], None], pointer: Path, pointer_text: Callable[[str, dict[str, str]], str]
+) -> Path:
+    """Save one checkpoint folder under ``root`` and commit it.
+
+    ``write(folder)`` writes the files; ``pointer_text(name, {file: sha256})`` gives the pointer's content, which is
+    written to ``pointer`` atomically; then the other ``prefix*`` folders are deleted. Returns the new folder.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(prefix, number)
+    tmp = root / (name + ".partial")
+    tmp.mkdir()
+    write(tmp)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    os.replace(tmp, root / name)
+    atomic_write_text(pointer, pointer_text(name, files))
+    for old in root.glob(prefix + "*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def first_mismatch(folder: Path, files: dict[str, str]) -> Path | None:
+    """The first file of ``folder`` whose SHA-256 differs from ``files`` (name -> hex), or None when all match."""
+    for file_name, digest in files.items():
+        if sha256_file(folder / file_name) != digest:
+            return folder / file_name
+    return None
