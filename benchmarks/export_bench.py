@@ -210,7 +210,7 @@ def main(
     for r in rows:
         a, i = r["artifact_mb"], r["interleaved"]
         print(
-            f"{r['tier']:>4}  {r['trainable_params']:>9,}  {r['export_s']:>8}  {a['checkpoint']:>7}  {a['training_model']:>8}  "
+            f"{r['tier']:>4}  {r['trainable_params']:>9,}  {'-' if r['export_s'] is None else r['export_s']:>8}  {a['checkpoint']:>7}  {a['training_model']:>8}  "
             f"{r['ort_step_s']:>8.3f}  {r['torch_step_s']:>7.3f}  {r['step_ratio_ort_over_torch']:>13.2f}  "
             f"{i['ratio_median']:>5.2f} [{i['ratio_q1']:.2f}, {i['ratio_q3']:.2f}]  "
             f"{r['ort_peak_rss_mb']:>7.0f}  {r['torch_peak_rss_mb']:>6.0f}  {r['rss_ratio_ort_over_torch']:>10.2f}  "

@@ -3,9 +3,11 @@ routing target q sent with them.
 
 The rule (also in ``docs/algorithm.md``), per layer and independently of the other layers:
 
-1. First round, or a node without reported statistics for any expert: the deterministic spread. Nodes sorted by
-   id; node i's slots take experts ``(o_i + j) mod M`` where ``o_i`` is the sum of the tiers of the nodes before it.
-   When the fleet's slots add up to at least M, every expert is held by someone.
+1. First round, or a node without reported statistics for any expert: the deterministic spread. Experts are
+   ordered by fleet usage, least used first (ties by id: in the first round simply 0..M-1); nodes sorted by id;
+   node i's slots take the experts at positions ``(o_i + j) mod M`` of that order, ``o_i`` the sum of the tiers of
+   the nodes before it. When the fleet's slots add up to at least M, every expert is held by someone; when they do
+   not, the experts left out are the most used, so a fleet of new nodes (after a restart) still reaches them.
 2. Later rounds, coverage first: experts are taken in order of fleet usage, least used first, and each goes to the
    node with a free slot whose data prefers it most (its share of that node's routed tokens the last time the node
    held it); ties go to the node with more free slots, then the lower id. This continues until every expert is
@@ -37,15 +39,18 @@ class NodePlan:
     assignment: list[list[int]]
 
 
-def spread_assignment(tiers: dict[int, int], num_layers: int, num_experts: int) -> dict[int, list[list[int]]]:
-    """Rule 1: node i (by id) takes experts (o_i + j) mod M, o_i the sum of the tiers before it; same for every layer."""
-    out: dict[int, list[list[int]]] = {}
-    offset = 0
-    for node in sorted(tiers):
-        t = tiers[node]
-        row = [(offset + j) % num_experts for j in range(t)]
-        out[node] = [list(row) for _ in range(num_layers)]
-        offset += t
+def spread_assignment(
+    tiers: dict[int, int], num_layers: int, num_experts: int, usage: np.ndarray | None = None
+) -> dict[int, list[list[int]]]:
+    """Rule 1: per layer, experts ordered by fleet usage (least used first, then id; uniform usage gives 0..M-1);
+    node i (by id) takes the experts at positions (o_i + j) mod M of that order, o_i the sum of the tiers before it."""
+    out: dict[int, list[list[int]]] = {n: [] for n in tiers}
+    for layer in range(num_layers):
+        order = list(range(num_experts)) if usage is None else sorted(range(num_experts), key=lambda e: (usage[layer, e], e))
+        offset = 0
+        for node in sorted(tiers):
+            out[node].append([order[(offset + j) % num_experts] for j in range(tiers[node])])
+            offset += tiers[node]
     return out
 
 
@@ -70,7 +75,7 @@ def assign_experts(
         usage = np.full((num_layers, num_experts), 1.0 / num_experts)
     if usage.shape != (num_layers, num_experts):
         raise PlanError(f"usage has shape {usage.shape}, expected {(num_layers, num_experts)}")
-    spread = spread_assignment(tiers, num_layers, num_experts)
+    spread = spread_assignment(tiers, num_layers, num_experts, usage)
     informed = {n for n in tiers if n in preferences and np.asarray(preferences[n]).sum() > 0}
     out: dict[int, list[list[int]]] = {n: [] for n in tiers}
     for layer in range(num_layers):
@@ -123,3 +128,14 @@ def routing_target(assignment: list[list[int]], usage: np.ndarray) -> np.ndarray
         w = 1.0 / (usage[layer, ids] + 1.0 / num_experts)
         rows.append(w / w.sum())
     return np.asarray(rows, dtype=np.float32)
+
+
+def sample_nodes(nodes: list[int], fraction: float, min_nodes: int, seed: int) -> list[int]:
+    """The nodes of one round: ``max(min_nodes, ceil(fraction * len(nodes)))`` of them, drawn with ``seed`` (the
+    same connected nodes and seed give the same sample, also after a restart), sorted by id."""
+    if not 0 < fraction <= 1:
+        raise PlanError(f"--fraction must be in (0, 1], got {fraction}")
+    want = min(len(nodes), max(min_nodes, int(np.ceil(fraction * len(nodes)))))
+    rng = np.random.default_rng(seed)
+    ordered = sorted(int(n) for n in nodes)  # Flower's node ids are unsigned 64-bit: pick indices, never the ids
+    return sorted(ordered[i] for i in rng.choice(len(ordered), size=want, replace=False)) if want else []

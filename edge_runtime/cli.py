@@ -446,6 +446,133 @@ def evaluate(
                         highlight=False)  # fmt: skip
 
 
+@app.command(epilog="Exit codes: 1 no connection to the coordinator for --retry-seconds; 2 invalid arguments or data; "
+                    "3 invalid bundle; 5 no tier fits this device; 130 stopped with Ctrl-C or SIGTERM.")  # fmt: skip
+def join(
+    server: str = typer.Option(..., help="The coordinator's SuperLink as HOST:PORT (what `fftmoe-coordinator serve` prints)."),
+    data: Path = typer.Option(..., help="Local training data: .csv, .tsv, .jsonl or .parquet with a text and a label column."),
+    text_column: list[str] = typer.Option(["text"], help=TEXT_COLUMN_HELP),
+    label_column: str = typer.Option("label", help="Column holding the label."),
+    label_map: Optional[str] = typer.Option(None, help=LABEL_MAP_HELP),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed rows instead of refusing the data."),
+    eval_fraction: float = typer.Option(0.1, help="Share of --data held out for federated evaluation (never trained on)."),
+    tier: str = typer.Option("auto", help="auto: the largest tier that fits this device (from the bundle's measurements), or a tier number."),
+    bundle: Optional[Path] = typer.Option(None, help="A pre-provisioned bundle; without it the device fetches only its tier's files from the coordinator."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "fftmoe" / "bundles", help="Where fetched bundle files are kept and verified."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    max_memory: Optional[float] = typer.Option(None, help=MAX_MEMORY_HELP),
+    batch_size: int = typer.Option(16, help="Largest local batch (lowered automatically when the chosen tier needs it)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, help="Compute threads (default: all cores)."),
+    seed: int = typer.Option(0, help="Seed of the held-out split."),
+    insecure: bool = typer.Option(False, "--insecure", help="Connect without TLS (only for a coordinator started with --insecure)."),
+    root_certificates: Optional[Path] = typer.Option(None, help="The CA certificate (PEM) that signed the coordinator's certificate."),
+    auth_key: Optional[Path] = typer.Option(None, help="This device's private key (ECDSA) when the coordinator authenticates devices."),
+    local_port: int = typer.Option(0, help="Port of this SuperNode's local runtime API (0: a free one; several nodes on one host need distinct ports)."),
+    home: Optional[Path] = typer.Option(None, help="Flower's working folder for this node (default: CACHE_DIR/supernode-PORT)."),
+    retry_seconds: float = typer.Option(120.0, help="Keep retrying this long when the coordinator refuses or cannot be reached yet."),
+    json_out: bool = typer.Option(False, "--json", help="Print the device's choice as JSON before the SuperNode starts."),
+) -> None:
+    """Join a federation: profile this device, pick its tier, and run a Flower SuperNode with fftmoe's client app.
+
+    Each round the coordinator sends the experts assigned to this device's slots; the device trains them on
+    --data with ONNX Runtime (PyTorch where that is unavailable) and sends back only its tier's tensors. Runs
+    until Ctrl-C; when the coordinator goes away (a restart with --resume), it reconnects.
+    """
+    import signal
+    import subprocess
+    import time
+
+    from coordinator.deploy import flower_env, free_port, stop, supernode_command
+    from edge_runtime.backends import resolve_backend
+    from edge_runtime.client_app import NodeSettings
+    from edge_runtime.profile import TierChoiceError, choose_tier
+
+    err = _err()
+    if insecure == (root_certificates is not None):
+        _fail("give either --insecure or --root-certificates CA.pem (the coordinator's CA)", EXIT_BAD_ARGS, json_out)
+    for flag, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
+        if path is not None and not path.is_file():
+            _fail(f"{flag} {path}: no such file", EXIT_BAD_ARGS, json_out)
+    if ":" not in server:
+        _fail(f"--server must be HOST:PORT, got {server!r}", EXIT_BAD_ARGS, json_out)
+    if not 0 <= eval_fraction < 1:
+        _fail(f"--eval-fraction must be in [0, 1), got {eval_fraction}", EXIT_BAD_ARGS, json_out)
+    try:
+        tier_n = None if tier == "auto" else int(tier)
+        backend_name, backend_why = resolve_backend(backend)
+    except ValueError:
+        _fail(f"--tier must be auto or a number, got {tier!r}", EXIT_BAD_ARGS, json_out)
+    except RuntimeError as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out, "backend")
+    dev = _device(device)
+    info: dict = {"ok": True, "device": _profile_dict(dev), "backend": backend_name, "backend_reason": backend_why}
+    if bundle is not None:  # check everything locally now rather than at the first round
+        try:
+            manifest = verify_bundle(bundle, [tier_n] if tier_n else None, encoder=backend_name == "torch")
+            choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory, tier_n)
+        except BundleError as exc:
+            _fail(str(exc), EXIT_INVALID, json_out, "bundle")
+        except TierChoiceError as exc:
+            _fail(str(exc), EXIT_NO_FIT, json_out, "no_fit")
+        examples = _load_data(manifest, bundle, data, text_column, label_column, label_map, skip_bad_rows, json_out)
+        tier_n, batch_size = choice.slots, choice.batch_size
+        info.update(choice=_choice_dict(choice), examples=len(examples))
+    elif not data.is_file():
+        _fail(f"--data {data}: no such file", EXIT_BAD_ARGS, json_out, "data")
+    node = NodeSettings(
+        data=data.resolve(), cache_dir=cache_dir.resolve(), bundle=bundle.resolve() if bundle else None, text_columns=tuple(text_column),
+        label_column=label_column, label_map=label_map or "", skip_bad_rows=skip_bad_rows, eval_fraction=eval_fraction, tier=tier_n,
+        batch_size=batch_size, max_memory=max_memory, device=device or "", backend=backend, threads=threads, seed=seed,
+    )  # fmt: skip
+    port = local_port or free_port()
+    home = home or cache_dir / f"supernode-{port}"
+    cmd = supernode_command(server, node.to_node_config(), port, root_certificates.resolve() if root_certificates else None,
+                            auth_key.resolve() if auth_key else None)  # fmt: skip
+    if json_out:
+        print(json.dumps({**info, "tier": tier_n, "batch_size": batch_size, "server": server, "home": str(home)}))
+    else:
+        what = f"tier {tier_n}, batch {batch_size}" if tier_n else "tier chosen when the coordinator's manifest arrives"
+        err.print(f"device {dev.name}: {dev.memory_available_mb:.0f} MB available, {dev.cores} cores; backend {backend_name}; {what}", highlight=False)
+        err.print(f"joining {server} ({'insecure' if insecure else 'TLS'}{', authenticated' if auth_key else ''}); Flower's log: {home}/supernode.log", highlight=False)
+    proc: subprocess.Popen | None = None
+    stopping = {"flag": False}
+
+    def on_signal(_sig, _frame) -> None:
+        stopping["flag"] = True
+        stop(proc)
+
+    previous = signal.signal(signal.SIGINT, on_signal)
+    previous_term = signal.signal(signal.SIGTERM, on_signal)
+    # A SuperNode serves run after run; it exits only when it lost the SuperLink (a coordinator restarting with
+    # --resume, a network outage) or was refused. Restart it, and give up after --retry-seconds without a stay.
+    deadline = time.monotonic() + retry_seconds
+    code = 0
+    try:
+        while True:
+            started = time.monotonic()
+            env = flower_env(home)  # also creates the folder
+            with open(home / "supernode.log", "ab") as log_file:
+                proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                code = proc.wait()
+            if stopping["flag"]:
+                break
+            if time.monotonic() - started > 60:  # it had been connected: a fresh retry window
+                deadline = time.monotonic() + retry_seconds
+            if time.monotonic() > deadline:
+                break
+            err.print(f"the SuperNode exited (code {code}; see {home}/supernode.log); reconnecting", highlight=False)
+            time.sleep(3)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        stop(proc)
+    if stopping["flag"]:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _fail(f"no connection to {server} for {retry_seconds:.0f} s (last SuperNode exit code {code}); see {home}/supernode.log",
+          EXIT_FAILED, json_out, "supernode")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="fftmoe-edge")

@@ -9,6 +9,11 @@ Defined once here, validated on read, documented in ``docs/update-format.md``:
   experts, router rows, head), so a device receives only what its tier needs.
 - **update** (device -> coordinator): ``"fftmoe"``: ConfigRecord ``{"json": <Update.meta() + round>}``,
   ``"update"``: ArrayRecord of the ``Update``'s tensors.
+- **hello** (coordinator -> device, ``query.hello``): ``{"json": {manifest_id, manifest}}``; the reply's meta holds
+  the device's tier, batch size, backend, example counts and the bundle files it lacks (``missing``).
+- **artifacts** (coordinator -> device, ``query.artifacts``): ``{"json": {manifest_id, chunks: [{path, offset,
+  key}]}}`` and a ConfigRecord ``"chunks"`` of bytes under each chunk's key.
+- **metrics** (device -> coordinator, evaluate replies): ``{"json": {round, metrics}}``.
 
 Flower's ``Message`` wraps these; keeping the contents in plain functions lets tests check them without Flower
 running (``Message`` cannot be built outside a running app).
@@ -22,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.update import Update, UpdateError
+from edge_runtime.bundle import BundleError, Manifest
+from edge_runtime.update import Update, UpdateError, manifest_id
 
 MESSAGES_FORMAT = "fftmoe-messages"
 MESSAGES_VERSION = 1
@@ -99,3 +105,97 @@ def update_from_record(content: Any, where: str = "reply") -> tuple[Update, int]
     if not isinstance(meta.get("round"), int):
         raise MessageError(f"{where}: 'round' must be an integer, got {meta.get('round')!r}")
     return Update.from_parts(meta.get("update"), tensors, where), meta["round"]
+
+
+def _meta_record(meta: dict[str, Any]) -> Any:
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"json": json.dumps({"messages_format": MESSAGES_FORMAT, "messages_version": MESSAGES_VERSION, **meta})})
+
+
+def hello_to_record(manifest: Manifest) -> Any:
+    from flwr.app import RecordDict
+
+    return RecordDict({META_KEY: _meta_record({"manifest_id": manifest_id(manifest), "manifest": manifest.to_dict()})})
+
+
+def manifest_from_hello(content: Any) -> tuple[Manifest, str]:
+    """The coordinator's manifest and its id; refused when the manifest does not hash to the id it came with."""
+    meta = _meta(content, "hello")
+    try:
+        manifest = Manifest.from_dict(meta["manifest"])
+    except (KeyError, BundleError) as exc:
+        raise MessageError(f"hello: no valid manifest ({exc})") from None
+    if manifest_id(manifest) != meta.get("manifest_id"):
+        raise MessageError(f"hello: the manifest hashes to {manifest_id(manifest)}, not to its stated id {meta.get('manifest_id')!r}")
+    return manifest, manifest_id(manifest)
+
+
+def hello_reply_to_record(reply: dict[str, Any]) -> Any:
+    from flwr.app import RecordDict
+
+    return RecordDict({META_KEY: _meta_record({"reply": reply})})
+
+
+def hello_reply_from_record(content: Any) -> dict[str, Any]:
+    meta = _meta(content, "hello reply")
+    reply = meta.get("reply")
+    if not isinstance(reply, dict):
+        raise MessageError("hello reply: no 'reply' object")
+    return reply
+
+
+def device_info_from_hello_reply(content: Any, manifest: Manifest) -> dict[str, Any]:
+    """The hello reply's fields, checked: a tier of the bundle, a positive batch size, a list of bundle files."""
+    reply = hello_reply_from_record(content)
+    tier = reply.get("tier")
+    if not isinstance(tier, int) or tier not in manifest.tiers:
+        raise MessageError(f"hello reply: tier {tier!r} is not one of the bundle's tiers {sorted(manifest.tiers)}")
+    known = {e.path for e in manifest.all_files()}
+    missing = reply.get("missing", [])
+    if not isinstance(missing, list) or any(m not in known for m in missing):
+        raise MessageError(f"hello reply: 'missing' must list files of the bundle, got {missing!r:.120}")
+    if not isinstance(reply.get("train_examples"), int) or reply["train_examples"] < 1:
+        raise MessageError(f"hello reply: 'train_examples' must be a positive integer, got {reply.get('train_examples')!r}")
+    return reply
+
+
+def artifacts_to_record(mid: str, chunks: list[tuple[str, int, bytes]]) -> Any:
+    """Chunks (bundle path, offset, bytes) of bundle files for a device that lacks them."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    listed = [{"path": path, "offset": offset, "key": f"c{i}"} for i, (path, offset, _) in enumerate(chunks)]
+    data = ConfigRecord({f"c{i}": data for i, (_, _, data) in enumerate(chunks)})
+    return RecordDict({META_KEY: _meta_record({"manifest_id": mid, "chunks": listed}), "chunks": data})
+
+
+def artifacts_from_record(content: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    meta = _meta(content, "artifacts")
+    try:
+        data = content.config_records["chunks"]
+        chunks = {c["key"]: bytes(data[c["key"]]) for c in meta["chunks"]}
+        for c in meta["chunks"]:
+            if not isinstance(c["offset"], int) or c["offset"] < 0 or not isinstance(c["path"], str):
+                raise ValueError(f"chunk {c!r:.80}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MessageError(f"artifacts: missing or malformed chunk ({exc})") from None
+    return meta, chunks
+
+
+def metrics_to_record(round_: int, metrics: dict[str, float]) -> Any:
+    from flwr.app import RecordDict
+
+    return RecordDict({META_KEY: _meta_record({"round": round_, "metrics": {k: float(v) for k, v in metrics.items()}})})
+
+
+def metrics_from_record(content: Any, where: str = "evaluate reply") -> tuple[dict[str, float], int]:
+    meta = _meta(content, where)
+    metrics = meta.get("metrics")
+    if not isinstance(meta.get("round"), int) or not isinstance(metrics, dict):
+        raise MessageError(f"{where}: needs an integer 'round' and a 'metrics' object")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+            raise MessageError(f"{where}: metric {k!r} must be a finite number, got {v!r}")
+        out[str(k)] = float(v)
+    return out, meta["round"]

@@ -15,7 +15,7 @@ import numpy as np
 from edge_runtime.backends import TierBackend, open_backend
 from edge_runtime.bundle import Manifest, verify_files
 from edge_runtime.data import EncodedData
-from edge_runtime.update import Update, check_assignment, tier_values_from_pool
+from edge_runtime.update import Update, UpdateError, check_assignment, tier_values_from_global, tier_values_from_pool
 
 OUT = {"loss": 0, "logits": 1, "ce_loss": 2, "aux_balance": 3, "aux_hetero": 4, "route_counts": 5, "route_prob_sum": 6}
 
@@ -107,13 +107,15 @@ class TierSession:
         backend: str = "ort",
         threads: int | None = None,
         verify: bool = True,
+        with_pool: bool = True,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.slots = slots
         self.tier = manifest.tier(slots)
         if verify:  # a changed or truncated artifact must never be trained on
-            entries = list(self.tier.files.values()) + [manifest.global_pool, *manifest.tokenizer_files]
+            # a federated device gets its starting values in each instruction and holds no global pool
+            entries = list(self.tier.files.values()) + [*([manifest.global_pool] if with_pool else []), *manifest.tokenizer_files]
             if backend == "torch":
                 entries += manifest.encoder_files
             verify_files(self.bundle_dir, entries)
@@ -127,6 +129,21 @@ class TierSession:
         """Fill the slots with the assigned global experts, router rows and head (by name)."""
         self.assignment = check_assignment(self.manifest, self.slots, assignment)
         self.set_values(tier_values_from_pool(self.manifest, self.slots, pool, self.assignment))
+        self._set_target(routing_target)
+
+    def load_global(self, values: dict[str, np.ndarray], assignment: list[list[int]], routing_target: np.ndarray | None = None) -> None:
+        """Fill the slots from values under global names (a federated round's instruction: assigned experts,
+        router rows, head), checking that every tensor is there with the tier's shape and finite."""
+        self.assignment = check_assignment(self.manifest, self.slots, assignment)
+        tier_values = tier_values_from_global(self.manifest, self.slots, self.assignment, values)
+        for name, value in tier_values.items():
+            want = tuple(self.backend.get(name).shape)
+            if tuple(np.shape(value)) != want or not np.isfinite(value).all():
+                raise UpdateError(f"starting value {name!r}: shape {list(np.shape(value))}, expected {list(want)}, and must be finite")
+        self.set_values({k: np.ascontiguousarray(v, np.float32) for k, v in tier_values.items()})
+        self._set_target(routing_target)
+
+    def _set_target(self, routing_target: np.ndarray | None) -> None:
         if routing_target is not None:
             q = np.asarray(routing_target, np.float32)
             if q.shape != (self.manifest.num_layers, self.slots) or not np.isfinite(q).all() or (q <= 0).any():

@@ -106,6 +106,24 @@ def tier_values_to_global(
     return out
 
 
+def tier_values_from_global(
+    manifest: Manifest, slots: int, assignment: list[list[int]], values: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The inverse of ``tier_values_to_global``: global names -> the tier's parameter names. Raises UpdateError
+    naming the first tensor that ``values`` lacks."""
+    tier = manifest.tier(slots)
+    out: dict[str, np.ndarray] = {}
+    for params, key in ((tier.slot_params, lambda p: global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)),
+                        (tier.router_params, lambda p: router_rows_key(p.layer, p.tensor)),
+                        (tier.head_params, lambda p: global_head_key(p.tensor))):  # fmt: skip
+        for p in params:
+            name = key(p)
+            if name not in values:
+                raise UpdateError(f"tensor {name!r} is missing for tier {slots} with assignment {assignment}")
+            out[p.name] = values[name]
+    return out
+
+
 @dataclass
 class Update:
     """What one device sends back after a training session on its tier."""
@@ -160,15 +178,7 @@ class Update:
 
     def tier_values(self, manifest: Manifest) -> dict[str, np.ndarray]:
         """The update's tensors by the tier's parameter names: the inverse of ``from_tier_values``."""
-        tier = manifest.tier(self.tier)
-        out: dict[str, np.ndarray] = {}
-        for p in tier.slot_params:
-            out[p.name] = self.tensors[global_expert_key(p.layer, self.assignment[p.layer][p.slot], p.tensor)]
-        for p in tier.router_params:
-            out[p.name] = self.tensors[router_rows_key(p.layer, p.tensor)]
-        for p in tier.head_params:
-            out[p.name] = self.tensors[global_head_key(p.tensor)]
-        return out
+        return tier_values_from_global(manifest, self.tier, self.assignment, self.tensors)
 
     def meta(self) -> dict[str, Any]:
         return {

@@ -76,3 +76,35 @@ def tiny_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     )  # fmt: skip
     export_bundle(opts)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle16(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation's tiny bundle: M=16 experts of width 8, tiers 2, 4 and 8 (a fleet of one each has 14 slots, so
+    two experts per layer stay untrained in the first round), three labels."""
+    from exporter.config import MoEAdapterConfig
+    from exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny16"
+    opts = ExportOptions(
+        out=out, tiers=[2, 4, 8], adapter=MoEAdapterConfig(num_experts=16, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
+        model=str(tiny_bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False,
+    )  # fmt: skip
+    export_bundle(opts)
+    return out
+
+
+def write_tiny_csv(path: Path, rows: int, seed: int) -> Path:
+    """A small labelled CSV in the tiny vocabulary (label words make the task learnable)."""
+    import csv
+    import random
+
+    words = {"world": "the world news", "sports": "game team win", "business": "market stock rise fall"}
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for _ in range(rows):
+            label = rng.choice(TINY_LABELS)
+            w.writerow([f"{words[label]} {rng.choice('abcxyz')}", label])
+    return path

@@ -1,0 +1,501 @@
+"""The coordinator's Flower ServerApp: the FFT-MoE strategy driving rounds over Flower's Message API.
+
+The strategy is thin, in the manner of Flower's own (``configure_train`` builds messages, ``aggregate_train``
+merges replies); the maths are the pure functions of ``coordinator.plan``, ``coordinator.merge`` and
+``coordinator.rounds``. One round:
+
+1. wait until at least ``min-clients`` nodes are connected (at most ``wait-seconds``), sample ``fraction`` of them;
+2. ask nodes not seen before for their tier (``query.hello``), and send them the tier's files they lack
+   (``query.artifacts``, in chunks, verified on the device);
+3. assign global experts to each node's slots and send each node its instruction (``train``);
+4. collect replies until all arrived or ``round-timeout`` passed; screen them (failed, stale, invalid: named and
+   logged, never merged); with at least ``min-clients`` valid updates merge them, else retry the round;
+5. every ``eval-every`` rounds, federated evaluation on the nodes' held-out shares, and centralised evaluation on
+   ``eval-data`` if given;
+6. checkpoint the global state atomically (``coordinator.state``), and write ``history.json`` and ``progress.png``.
+
+Settings come from the run config (``[tool.flwr.app.config]`` of the app, overridden by ``fftmoe-coordinator
+serve``), read and checked by ``RunSettings``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.merge import WEIGHTINGS
+from coordinator.plan import sample_nodes
+from coordinator.rounds import Screened, apply_round, plan_round, screen_replies
+from coordinator.state import LATEST, GlobalState
+from edge_runtime.bundle import Manifest, load_manifest, verify_files
+from edge_runtime.records import (
+    MessageError,
+    artifacts_to_record,
+    device_info_from_hello_reply,
+    hello_to_record,
+    instruction_to_record,
+    metrics_from_record,
+    update_from_record,
+)
+from edge_runtime.update import Update, manifest_id
+
+log = logging.getLogger("flwr.fftmoe")
+HISTORY_FILE = "history.json"
+PLOT_FILE = "progress.png"
+STATUS_FILE = "run-status.json"
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    """How the last run ended, for ``fftmoe-coordinator serve`` (``flwr run`` exits 0 even when the ServerApp failed)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(status) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+class RoundFailure(RuntimeError):
+    """The federation cannot go on (too few nodes or valid replies, too often); the last saved round stays."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config of a federation; each field is an option of ``fftmoe-coordinator serve``."""
+
+    bundle: str
+    """Bundle folder on the coordinator's host (--bundle)."""
+    state_dir: str
+    """Folder of the global state's checkpoints, history.json and progress.png (--state-dir)."""
+    rounds: int = 3
+    min_clients: int = 2
+    """Nodes needed to start a round, and valid updates needed to complete one (--min-clients)."""
+    fraction: float = 1.0
+    """Share of the connected nodes sampled each round, at least min-clients (--fraction)."""
+    wait_seconds: float = 300.0
+    """How long a round waits for min-clients nodes to be connected (--wait-seconds)."""
+    round_timeout: float = 600.0
+    """Seconds a round waits for replies; nodes that have not replied by then are left out (--round-timeout)."""
+    max_failed_rounds: int = 3
+    """Give up after this many failed attempts in a row (too few nodes or valid updates) (--max-failed-rounds)."""
+    epochs: int = 1
+    max_steps: int = 0
+    """Local steps per round at most; 0: no limit, the epochs decide (--local-steps)."""
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    max_seq_len: int = 0
+    """Token limit per row on the devices; 0: the bundle's maximum (--max-seq-len)."""
+    weighting: str = "examples"
+    eval_every: int = 1
+    """Federated evaluation on the nodes' held-out data every this many rounds; 0: never (--eval-every)."""
+    eval_data: str = ""
+    """A data file on the coordinator for centralised evaluation of the global model; empty: none (--eval-data)."""
+    eval_text_columns: str = "text"
+    eval_label_column: str = "label"
+    eval_label_map: str = ""
+    resume: bool = False
+    serve_artifacts: bool = True
+    """Send devices the tier files they lack (--serve-artifacts/--no-serve-artifacts)."""
+    chunk_mb: int = 32
+    """Largest piece of a file in one artifacts message, MB."""
+
+    @classmethod
+    def from_run_config(cls, cfg: dict[str, Any]) -> RunSettings:
+        """Read the run config (keys with dashes); unknown keys are refused, naming them."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(cfg) - set(names))
+        if unknown:
+            raise ValueError(f"unknown run config key(s) {unknown}; known: {sorted(names)}")
+        kwargs = {}
+        for key, f in names.items():
+            if key in cfg:
+                kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+                kwargs[f.name] = kind(cfg[key])
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        if not self.bundle or not self.state_dir:
+            raise ValueError("--bundle and --state-dir are required")
+        checks = [
+            (self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}"),
+            (self.min_clients >= 1, f"--min-clients must be >= 1, got {self.min_clients}"),
+            (0 < self.fraction <= 1, f"--fraction must be in (0, 1], got {self.fraction}"),
+            (self.round_timeout > 0 and self.wait_seconds >= 0, "--round-timeout must be > 0 and --wait-seconds >= 0"),
+            (self.epochs >= 1 and self.max_steps >= 0 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1, --local-steps >= 0"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
+            (self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}"),
+            (self.eval_every >= 0 and self.max_failed_rounds >= 1 and self.chunk_mb >= 1, "--eval-every must be >= 0"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def train_settings(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.lr, "max_steps": self.max_steps,
+                "seed": self.seed, "max_seq_len": self.max_seq_len}  # fmt: skip
+
+
+def message_to(node: int, content: Any, message_type: str, group_id: str = "") -> Any:
+    """A Flower message for one node. The destination is also written into the content: Flower derives a message's
+    id from its content, so identical contents for several nodes (a hello) would otherwise share one id."""
+    from flwr.app import ConfigRecord, Message
+
+    content["to"] = ConfigRecord({"node_id": int(node)})
+    return Message(content, int(node), message_type, group_id=group_id)
+
+
+def artifact_batches(bundle_dir: Path, paths: list[str], limit: int) -> list[list[tuple[str, int, int]]]:
+    """Pieces (path, offset, size) of the files, grouped into messages of at most ``limit`` bytes, in order."""
+    batches: list[list[tuple[str, int, int]]] = [[]]
+    room = limit
+    for path in paths:
+        size, off = (bundle_dir / path).stat().st_size, 0
+        while off < size or (size == 0 and off == 0):
+            if room == 0:
+                batches.append([])
+                room = limit
+            take = min(room, size - off)
+            batches[-1].append((path, off, take))
+            off += take
+            room -= take
+            if size == 0:
+                break
+    return [b for b in batches if b]
+
+
+def _nbytes(values: dict[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in values.values()))
+
+
+class FFTMoEStrategy:
+    """Tier-aware rounds with per-expert assignment and the sparse per-expert merge (see the module docstring)."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        self.settings = settings
+        self.bundle_dir = Path(settings.bundle)
+        self.manifest: Manifest = load_manifest(self.bundle_dir)
+        self.manifest_id = manifest_id(self.manifest)
+        self.state_dir = Path(settings.state_dir)
+        self.devices: dict[int, dict[str, Any]] = {}  # node id -> its hello reply (tier, batch, backend, examples)
+        self.central = None  # (global-model builder inputs, encoded eval data) when eval_data is set
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+
+    def initial_state(self) -> GlobalState:
+        from safetensors.numpy import load_file
+
+        if self.settings.resume:
+            state = GlobalState.load(self.state_dir, self.manifest_id)
+            log.info("resuming from %s: %d round(s) done", self.state_dir, state.round)
+            return state
+        if (self.state_dir / LATEST).exists():
+            raise RoundFailure(f"{self.state_dir} already holds a global state; continue it with --resume or choose another --state-dir")
+        verify_files(self.bundle_dir, [self.manifest.global_pool])
+        pool = load_file(str(self.bundle_dir / self.manifest.global_pool.path))
+        state = GlobalState.initial(self.manifest_id, pool, self.manifest.num_layers, self.manifest.num_experts)
+        state.save(self.state_dir)
+        return state
+
+    # -- messaging ---------------------------------------------------------------------------------------------
+
+    def exchange(self, grid: Any, messages: dict[int, Any], timeout: float, what: str) -> dict[int, Any]:
+        """Send one message per node and collect replies until all arrived or ``timeout``; node -> reply Message or
+        an error text (the node's error reply, or no reply in time)."""
+        if not messages:
+            return {}
+        ids = list(grid.push_messages(list(messages.values())))
+        node_of = {i: n for i, n in zip(ids, messages) if i}
+        if any(not i for i in ids):
+            refused = [n for i, n in zip(ids, messages) if not i]
+            log.warning("%s: the SuperLink refused the message(s) to node(s) %s (see its log)", what, refused)
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < len(node_of) and time.monotonic() < deadline:
+            pending = [i for i, n in node_of.items() if n not in out]
+            for reply in grid.pull_messages(pending):
+                node = node_of.get(reply.metadata.reply_to_message_id)
+                if node is None or node in out:
+                    continue
+                out[node] = f"error reply: {reply.error.reason}" if reply.has_error() else reply
+                log.info("%s: %d/%d node(s) replied (node %s%s) after %.1f s", what, len(out), len(node_of), node,
+                         ", failed" if isinstance(out[node], str) else "", timeout - (deadline - time.monotonic()))  # fmt: skip
+            if len(out) < len(node_of):
+                time.sleep(1.0)
+        for node in node_of.values():
+            out.setdefault(node, f"no reply within {timeout:.0f} s")
+        for node in messages:
+            out.setdefault(node, "the SuperLink refused the message (node unknown or gone)")
+        return out
+
+    def wait_for_nodes(self, grid: Any) -> list[int]:
+        deadline = time.monotonic() + self.settings.wait_seconds
+        while True:
+            nodes = sorted(int(n) for n in grid.get_node_ids())
+            if len(nodes) >= self.settings.min_clients:
+                return nodes
+            if time.monotonic() >= deadline:
+                raise RoundFailure(f"only {len(nodes)} node(s) connected after {self.settings.wait_seconds:.0f} s; --min-clients is {self.settings.min_clients}")
+            log.info("waiting for nodes: %d connected, %d needed", len(nodes), self.settings.min_clients)
+            time.sleep(2.0)
+
+    def learn_devices(self, grid: Any, nodes: list[int]) -> dict[int, int]:
+        """Node -> tier for the sampled nodes that can train now: new nodes are asked (hello) and sent what they lack."""
+        new = [n for n in nodes if n not in self.devices]
+        replies = self.exchange(grid, {n: message_to(n, hello_to_record(self.manifest), "query.hello") for n in new},
+                                self.settings.round_timeout, "hello")  # fmt: skip
+        for node, reply in replies.items():
+            if isinstance(reply, str):
+                log.warning("node %s did not join: %s", node, reply)
+                continue
+            try:
+                info = device_info_from_hello_reply(reply.content, self.manifest)
+            except MessageError as exc:
+                log.warning("node %s did not join: %s", node, exc)
+                continue
+            log.info("node %s: tier %s (%s), batch %s, backend %s, %s training examples%s", node, info["tier"], info.get("tier_reason"),
+                     info.get("batch_size"), info.get("backend"), info["train_examples"],
+                     f", lacks {len(info['missing'])} file(s), {info['missing_bytes'] / 1e6:.1f} MB" if info["missing"] else "")  # fmt: skip
+            self.devices[node] = info
+        lacking = {n: self.devices[n]["missing"] for n in new if n in self.devices and self.devices[n]["missing"]}
+        if lacking:
+            if not self.settings.serve_artifacts:
+                for n in lacking:
+                    log.warning("node %s lacks its tier's files and --no-serve-artifacts is set; provision it with --bundle", n)
+                    self.devices.pop(n)
+            else:
+                self.serve_artifacts(grid, lacking)
+        return {n: int(self.devices[n]["tier"]) for n in nodes if n in self.devices}
+
+    def serve_artifacts(self, grid: Any, lacking: dict[int, list[str]]) -> None:
+        """Send each node the files it lacks, in messages of at most ``chunk_mb`` (large files in pieces); a node
+        whose transfer fails is dropped until it is seen again."""
+        queues = {n: artifact_batches(self.bundle_dir, paths, self.settings.chunk_mb << 20) for n, paths in lacking.items()}
+        while queues:
+            messages = {}
+            for n, queue in queues.items():
+                pieces = []
+                for path, off, size in queue.pop(0):
+                    with open(self.bundle_dir / path, "rb") as fh:
+                        fh.seek(off)
+                        pieces.append((path, off, fh.read(size)))
+                messages[n] = message_to(n, artifacts_to_record(self.manifest_id, pieces), "query.artifacts")
+            for n, reply in self.exchange(grid, messages, self.settings.round_timeout, "artifacts").items():
+                if isinstance(reply, str):
+                    log.warning("node %s: sending its tier's files failed (%s); it is left out until it rejoins", n, reply)
+                    self.devices.pop(n, None)
+                    queues.pop(n)
+            queues = {n: q for n, q in queues.items() if q}
+        for n in lacking:
+            if n in self.devices:
+                self.devices[n]["missing"] = []
+
+    # -- one round (Flower's strategy shape) ------------------------------------------------------------------
+
+    def configure_train(self, state: GlobalState, tiers: dict[int, int]) -> tuple[dict[int, Any], dict[int, Any]]:
+        """(node -> instruction, node -> Message) for round ``state.round + 1``."""
+        sent = plan_round(state, self.manifest, tiers, self.settings.train_settings())
+        messages = {n: message_to(n, instruction_to_record(ins), "train", str(ins.round)) for n, ins in sent.items()}
+        return sent, messages
+
+    def aggregate_train(self, state: GlobalState, sent: dict[int, Any], replies: dict[int, Any]) -> tuple[GlobalState | None, Screened]:
+        """The next state, or None when fewer than ``min_clients`` valid updates arrived (nothing changes then)."""
+        parsed: dict[int, tuple[Update, int] | str] = {}
+        for node, reply in replies.items():
+            if isinstance(reply, str):
+                parsed[node] = reply
+                continue
+            try:
+                parsed[node] = update_from_record(reply.content, f"reply of node {node}")
+            except MessageError as exc:
+                parsed[node] = f"malformed reply: {exc}"
+        screened = screen_replies(self.manifest, sent, parsed)
+        if len(screened.accepted) < self.settings.min_clients:
+            return None, screened
+        accepted = screened.accepted
+        weights = {n: u.num_examples for n, u in accepted.items()}
+        total = sum(weights.values())
+        record = {
+            "tiers": {str(n): sent[n].tier for n in sent},
+            "sent_bytes": {str(n): _nbytes(sent[n].values) for n in sent},
+            "received_bytes": {str(n): _nbytes(u.tensors) for n, u in accepted.items()},
+            "examples": {str(n): w for n, w in weights.items()},
+            "train_loss": sum(u.metrics.get("train_loss", 0.0) * weights[n] for n, u in accepted.items()) / total,
+            "assignment": {str(n): sent[n].assignment for n in sent},
+        }  # fmt: skip
+        return apply_round(state, self.manifest, screened, self.settings.weighting, record), screened
+
+    def configure_evaluate(self, state: GlobalState, tiers: dict[int, int]) -> dict[int, Any]:
+        plan = plan_round(state, self.manifest, tiers, self.settings.train_settings())
+        for ins in plan.values():
+            ins.round = state.round
+        return {n: message_to(n, instruction_to_record(ins), "evaluate", f"eval-{state.round}") for n, ins in plan.items()}
+
+    def aggregate_evaluate(self, round_: int, replies: dict[int, Any]) -> dict[str, float] | None:
+        """Example-weighted accuracy and loss over the nodes that evaluated; None when none did."""
+        results = []
+        for node, reply in replies.items():
+            if isinstance(reply, str):
+                log.warning("evaluation on node %s failed: %s", node, reply)
+                continue
+            try:
+                metrics, r = metrics_from_record(reply.content, f"evaluate reply of node {node}")
+            except MessageError as exc:
+                log.warning("%s", exc)
+                continue
+            if r == round_ and metrics.get("examples", 0) > 0:
+                results.append(metrics)
+        if not results:
+            return None
+        n = sum(m["examples"] for m in results)
+        return {"accuracy": sum(m["accuracy"] * m["examples"] for m in results) / n,
+                "loss": sum(m["loss"] * m["examples"] for m in results) / n, "examples": n, "nodes": float(len(results))}  # fmt: skip
+
+    def evaluate_central(self, state: GlobalState) -> dict[str, float] | None:
+        if not self.settings.eval_data:
+            return None
+        from coordinator.global_model import build_global_model, evaluate_global
+
+        if self.central is None:
+            from edge_runtime.data import DataSpec, TextEncoder, encode_examples, load_examples, parse_label_map
+
+            s = self.settings
+            spec = DataSpec(tuple(c for c in s.eval_text_columns.split(",") if c), s.eval_label_column, parse_label_map(s.eval_label_map))
+            examples = load_examples(s.eval_data, spec, self.manifest.labels)
+            encoder = TextEncoder(self.bundle_dir / Path(self.manifest.tokenizer_files[0].path).parent, s.max_seq_len or self.manifest.max_seq_len)
+            self.central = encode_examples(examples, encoder)
+        return evaluate_global(build_global_model(self.bundle_dir, self.manifest, state.pool), self.central)
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    def start(self, grid: Any) -> GlobalState:
+        s = self.settings
+        state = self.initial_state()
+        if state.round == 0 and s.eval_data and not state.history:
+            central = self.evaluate_central(state)
+            log.info("round 0 (initial global model): central accuracy %.4f, loss %.4f", central["accuracy"], central["loss"])
+            state.history.append({"round": 0, "central": central})
+            state.save(self.state_dir)
+        failures = 0
+        while state.round < s.rounds:
+            r = state.round + 1
+            started = time.monotonic()
+            nodes = self.wait_for_nodes(grid)
+            sampled = sample_nodes(nodes, s.fraction, s.min_clients, s.seed * 100003 + r * 101 + failures)
+            tiers = self.learn_devices(grid, sampled)
+            if len(tiers) < s.min_clients:
+                failures = self._failed(r, failures, f"only {len(tiers)} of the sampled node(s) {sampled} can train")
+                continue
+            log.info("round %d/%d: training on %d node(s), tiers %s", r, s.rounds, len(tiers), dict(sorted(tiers.items())))
+            sent, messages = self.configure_train(state, tiers)
+            replies = self.exchange(grid, messages, s.round_timeout, f"round {r} train")
+            new, screened = self.aggregate_train(state, sent, replies)
+            for node, reason in screened.rejected.items():
+                if "no reply" in reason or "error reply" in reason:
+                    self.devices.pop(node, None)  # ask again (tier, files) if it comes back
+            if new is None:
+                failures = self._failed(r, failures, f"{len(screened.accepted)} valid update(s), --min-clients is {s.min_clients}")
+                continue
+            failures = 0
+            entry = new.history[-1]
+            if s.eval_every and r % s.eval_every == 0:
+                fed = self.aggregate_evaluate(r, self.exchange(grid, self.configure_evaluate(new, {n: tiers[n] for n in screened.accepted}),
+                                                               s.round_timeout, f"round {r} evaluate"))  # fmt: skip
+                if fed is not None:
+                    entry["federated"] = fed
+                central = self.evaluate_central(new)
+                if central is not None:
+                    entry["central"] = central
+            entry["seconds"] = round(time.monotonic() - started, 2)
+            new.save(self.state_dir)
+            state = new
+            self.write_progress(state)
+            log.info("%s", round_line(entry, s.rounds, len(sent)))
+        log.info("done: %d round(s); global state in %s", state.round, self.state_dir)
+        return state
+
+    def _failed(self, r: int, failures: int, why: str) -> int:
+        failures += 1
+        log.warning("round %d failed (attempt %d of %d): %s; the global state is unchanged", r, failures, self.settings.max_failed_rounds, why)
+        if failures >= self.settings.max_failed_rounds:
+            raise RoundFailure(f"round {r} failed {failures} times in a row ({why}); the state of round {r - 1} is saved in "
+                               f"{self.state_dir}: fix the fleet and continue with --resume")  # fmt: skip
+        return failures
+
+    def write_progress(self, state: GlobalState) -> None:
+        (self.state_dir / HISTORY_FILE).write_text(json.dumps(state.history, indent=1) + "\n", encoding="utf-8")
+        plot_progress(state.history, self.state_dir / PLOT_FILE)
+
+
+def round_line(entry: dict[str, Any], rounds: int, expected: int) -> str:
+    """One line per completed round: nodes done / expected, loss, accuracy, bytes sent and received."""
+    parts = [f"round {entry['round']}/{rounds}: {len(entry['accepted'])}/{expected} node(s) merged"]
+    if entry.get("rejected"):
+        parts.append(f"{len(entry['rejected'])} rejected")
+    parts.append(f"train loss {entry['train_loss']:.4f}")
+    for key in ("federated", "central"):
+        if key in entry:
+            parts.append(f"{key} accuracy {entry[key]['accuracy']:.4f} loss {entry[key]['loss']:.4f}")
+    parts.append(f"sent {sum(entry['sent_bytes'].values()) / 1e6:.2f} MB, received {sum(entry['received_bytes'].values()) / 1e6:.2f} MB")
+    parts.append(f"{entry.get('seconds', 0):.0f} s")
+    return ", ".join(parts)
+
+
+def plot_progress(history: list[dict[str, Any]], path: Path) -> bool:
+    """Train loss and evaluation accuracy per round as a PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rounds = [h for h in history if "train_loss" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot([h["round"] for h in rounds], [h["train_loss"] for h in rounds], marker="o", label="train loss (devices)")
+    for key, style in (("federated", "s-"), ("central", "^-")):
+        pts = [(h["round"], h[key]) for h in history if key in h]
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1]["loss"] for p in pts], style, label=f"{key} eval loss")
+            ax2.plot([p[0] for p in pts], [p[1]["accuracy"] for p in pts], style, label=f"{key} eval accuracy")
+    ax1.set_xlabel("round"), ax1.set_ylabel("loss"), ax1.legend()
+    ax2.set_xlabel("round"), ax2.set_ylabel("accuracy"), ax2.legend() if ax2.lines else None
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _build_app():  # noqa: ANN202
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        flwr_logger = logging.getLogger("flwr")
+        for name in ("coordinator", "edge_runtime"):  # the pure functions' warnings (rejected replies) go to the run's log
+            logging.getLogger(name).handlers = flwr_logger.handlers
+            logging.getLogger(name).setLevel(logging.INFO)
+        settings = RunSettings.from_run_config(dict(context.run_config))
+        status = Path(settings.state_dir) / STATUS_FILE
+        status.parent.mkdir(parents=True, exist_ok=True)
+        write_status(status, {"ok": False, "running": True, "run_id": context.run_id})
+        try:
+            state = FFTMoEStrategy(settings).start(grid)
+        except Exception as exc:
+            write_status(status, {"ok": False, "running": False, "run_id": context.run_id, "error": type(exc).__name__, "message": str(exc)})
+            raise
+        write_status(status, {"ok": True, "running": False, "run_id": context.run_id, "rounds": state.round})
+
+    return app
+
+
+app = _build_app()

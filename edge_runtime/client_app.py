@@ -1,0 +1,298 @@
+"""The device's Flower ClientApp: what a SuperNode started by ``fftmoe-edge join`` runs for each message.
+
+Messages (contents defined in ``edge_runtime.records``, documented in ``docs/update-format.md``):
+
+- ``query.hello``: the coordinator's manifest; the device answers with its tier, its backend, how many training
+  examples it holds, and which of its tier's files it lacks (when it has no pre-provisioned bundle).
+- ``query.artifacts``: chunks of those files; the device writes them into its cache and verifies each completed
+  file against the manifest's sha256 before it is used.
+- ``train``: a train instruction (assigned experts, their values, router rows, head, target q, settings); the
+  device trains its tier on its local data and replies with the sparse update.
+- ``evaluate``: the same kind of instruction without training; the device replies with accuracy and loss on its
+  held-out share.
+
+Every setting of the device comes from the SuperNode's ``--node-config`` (``NodeSettings``). A new ClientApp
+process starts for every message, so nothing is kept in memory between messages: what must persist (the tier
+choice, downloaded files) lives in the cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.bundle import BundleError, FileEntry, IntegrityError, Manifest, ManifestError, load_manifest, sha256_file
+from edge_runtime.records import (
+    MessageError,
+    artifacts_from_record,
+    hello_reply_to_record,
+    instruction_from_record,
+    manifest_from_hello,
+    metrics_to_record,
+    update_to_record,
+)
+
+log = logging.getLogger(__name__)
+
+TIER_FILE = "tier-choice.json"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A device's settings, passed by ``fftmoe-edge join`` as the SuperNode's ``--node-config``."""
+
+    data: Path
+    """Local training data file (CSV, TSV, JSONL, Parquet)."""
+    cache_dir: Path
+    """Where downloaded bundle files are kept, one folder per bundle (manifest id)."""
+    bundle: Path | None = None
+    """A pre-provisioned bundle folder; when set, nothing is downloaded."""
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    label_map: str = ""
+    skip_bad_rows: bool = False
+    eval_fraction: float = 0.1
+    """Share of the local data held out for federated evaluation (never trained on)."""
+    tier: int | None = None
+    """The tier this device trains; None: chosen from the manifest's measurements and this device's memory."""
+    batch_size: int = 16
+    """The largest batch this device affords; a round's batch size is capped by it."""
+    max_memory: float | None = None
+    device: str = ""
+    backend: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_node_config(cls, cfg: dict[str, Any]) -> NodeSettings:
+        def opt(key: str, default: Any = None) -> Any:
+            v = cfg.get(key, default)
+            return default if v in ("", None) else v
+
+        if not opt("data"):
+            raise ValueError("node config lacks 'data' (the local data file); start the node with fftmoe-edge join --data FILE")
+        tier = opt("tier", "auto")
+        return cls(
+            data=Path(str(cfg["data"])), cache_dir=Path(str(opt("cache-dir", Path.home() / ".cache" / "fftmoe" / "bundles"))),
+            bundle=Path(str(opt("bundle"))) if opt("bundle") else None,
+            text_columns=tuple(c for c in str(opt("text-columns", "text")).split(",") if c),
+            label_column=str(opt("label-column", "label")), label_map=str(opt("label-map", "")),
+            skip_bad_rows=bool(opt("skip-bad-rows", False)), eval_fraction=float(opt("eval-fraction", 0.1)),
+            tier=None if str(tier) == "auto" else int(tier), batch_size=int(opt("batch-size", 16)),
+            max_memory=float(opt("max-memory")) if opt("max-memory") else None, device=str(opt("device", "")),
+            backend=str(opt("backend", "auto")), threads=int(opt("threads")) if opt("threads") else None,
+            seed=int(opt("seed", 0)),
+        )  # fmt: skip
+
+    def to_node_config(self) -> str:
+        """The ``--node-config`` string (TOML values) that ``from_node_config`` reads back."""
+        items: dict[str, Any] = {
+            "data": str(self.data), "cache-dir": str(self.cache_dir), "bundle": str(self.bundle or ""),
+            "text-columns": ",".join(self.text_columns), "label-column": self.label_column, "label-map": self.label_map,
+            "skip-bad-rows": self.skip_bad_rows, "eval-fraction": self.eval_fraction, "tier": "auto" if self.tier is None else self.tier,
+            "batch-size": self.batch_size, "max-memory": self.max_memory or 0.0, "device": self.device, "backend": self.backend,
+            "threads": self.threads or 0, "seed": self.seed,
+        }  # fmt: skip
+        return " ".join(f"{k}={_toml(v)}" for k, v in items.items())
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+# -- the device's bundle ---------------------------------------------------------------------------------------
+
+
+def bundle_dir_for(node: NodeSettings, manifest: Manifest | None, mid: str) -> Path:
+    """The pre-provisioned bundle, or this bundle's cache folder (with its manifest written on first contact)."""
+    if node.bundle is not None:
+        return node.bundle
+    folder = node.cache_dir / mid
+    if manifest is not None and not (folder / "manifest.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest.save(folder)
+    return folder
+
+
+def needed_files(manifest: Manifest, slots: int, backend: str) -> list[FileEntry]:
+    """What training a tier reads: the tier's artifacts, the tokenizer, and the encoder for the PyTorch backend."""
+    entries = [*manifest.tier(slots).files.values(), *manifest.tokenizer_files]
+    return entries + (list(manifest.encoder_files) if backend == "torch" else [])
+
+
+def missing_files(bundle_dir: Path, entries: list[FileEntry]) -> list[FileEntry]:
+    """Entries whose file is absent or differs from the manifest (a damaged cached file is fetched again)."""
+    out = []
+    for e in entries:
+        path = bundle_dir / e.path
+        if not path.is_file() or path.stat().st_size != e.size or sha256_file(path) != e.sha256:
+            out.append(e)
+    return out
+
+
+def choose_node_tier(node: NodeSettings, manifest: Manifest, bundle_dir: Path, backend: str) -> tuple[int, int, str]:
+    """(tier, batch size, reason): the node's fixed tier, or the choice remembered for this bundle, or a new choice
+    from the manifest's measurements and this device's memory (remembered in the bundle folder)."""
+    from edge_runtime.profile import choose_tier
+
+    if node.tier is not None:
+        manifest.tier(node.tier)
+        return node.tier, node.batch_size, "set with --tier"
+    remembered = bundle_dir / TIER_FILE
+    if remembered.is_file():
+        d = json.loads(remembered.read_text(encoding="utf-8"))
+        return int(d["tier"]), int(d["batch_size"]), str(d["reason"])
+    device = _device_profile(node)
+    choice = choose_tier(manifest, device, backend, node.batch_size, node.max_memory)
+    remembered.write_text(json.dumps({"tier": choice.slots, "batch_size": choice.batch_size, "reason": choice.reason}) + "\n")
+    return choice.slots, choice.batch_size, choice.reason
+
+
+def write_chunks(folder: Path, mid: str, listed: list[dict[str, Any]], chunks: dict[str, bytes]) -> list[str]:
+    """Write received pieces of bundle files into ``folder``; a file whose last piece arrived is checked against the
+    manifest's size and sha256 and only then put in place (a mismatch deletes it and raises IntegrityError).
+    Returns the files completed and verified."""
+    entries = {e.path: e for e in load_manifest(folder).all_files()}
+    done = []
+    for c in listed:
+        entry = entries.get(c["path"])
+        if entry is None:
+            raise ManifestError(f"artifact {c['path']!r} is not a file of bundle {mid}")
+        target = folder / entry.path
+        part = target.with_name(target.name + ".part")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        data = chunks[c["key"]]
+        with open(part, "r+b" if c["offset"] > 0 and part.exists() else "wb") as fh:
+            fh.seek(c["offset"])
+            fh.write(data)
+        if c["offset"] + len(data) >= entry.size:
+            actual = sha256_file(part)
+            if part.stat().st_size != entry.size or actual != entry.sha256:
+                part.unlink()
+                raise IntegrityError(f"received {entry.path}: sha256 {actual} differs from the manifest's {entry.sha256}; discarded")
+            os.replace(part, target)
+            done.append(entry.path)
+    return done
+
+
+def _device_profile(node: NodeSettings):  # noqa: ANN202
+    from devices import load_profile
+    from edge_runtime.profile import measure_device
+
+    return load_profile(node.device) if node.device else measure_device(1.0)
+
+
+def _examples(node: NodeSettings, manifest: Manifest):  # noqa: ANN202
+    """(train, held-out) examples of the node's data file, split with the node's seed."""
+    from edge_runtime.data import DataSpec, load_examples, parse_label_map
+
+    spec = DataSpec(node.text_columns, node.label_column, parse_label_map(node.label_map), skip_bad_rows=node.skip_bad_rows)
+    examples = load_examples(node.data, spec, manifest.labels)
+    if node.eval_fraction > 0:
+        return examples.split(node.eval_fraction, node.seed)
+    return examples, None
+
+
+# -- the Flower app ----------------------------------------------------------------------------------------------
+
+
+def _build_app():  # noqa: ANN202
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.query("hello")
+    def hello(msg: Message, context: Context) -> Message:
+        from edge_runtime.backends import resolve_backend
+
+        node = NodeSettings.from_node_config(dict(context.node_config))
+        manifest, mid = manifest_from_hello(msg.content)
+        bundle_dir = bundle_dir_for(node, manifest, mid)
+        if node.bundle is not None:
+            mine = load_manifest(bundle_dir)
+            from edge_runtime.update import manifest_id
+
+            if manifest_id(mine) != mid:
+                raise BundleError(f"{bundle_dir} is bundle {manifest_id(mine)}, but the coordinator serves bundle {mid}")
+        backend, why = resolve_backend(node.backend)
+        tier, batch, reason = choose_node_tier(node, manifest, bundle_dir, backend)
+        train_ex, held = _examples(node, manifest)
+        lacking = missing_files(bundle_dir, needed_files(manifest, tier, backend))
+        if lacking and node.bundle is not None:
+            raise BundleError(f"{bundle_dir}: {lacking[0].path} is missing or changed (pre-provisioned bundle; fix or drop --bundle)")
+        reply = {
+            "tier": tier, "batch_size": batch, "backend": backend, "tier_reason": reason, "backend_reason": why,
+            "train_examples": len(train_ex), "eval_examples": 0 if held is None else len(held),
+            "missing": [e.path for e in lacking], "missing_bytes": sum(e.size for e in lacking),
+        }  # fmt: skip
+        return Message(hello_reply_to_record(reply), reply_to=msg)
+
+    @app.query("artifacts")
+    def artifacts(msg: Message, context: Context) -> Message:
+        node = NodeSettings.from_node_config(dict(context.node_config))
+        meta, chunks = artifacts_from_record(msg.content)
+        folder = bundle_dir_for(node, None, str(meta["manifest_id"]))
+        done = write_chunks(folder, str(meta["manifest_id"]), meta["chunks"], chunks)
+        return Message(hello_reply_to_record({"verified": done}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(_run(msg.content, dict(context.node_config), training=True), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(_run(msg.content, dict(context.node_config), training=False), reply_to=msg)
+
+    return app
+
+
+def _run(content: Any, node_config: dict[str, Any], training: bool) -> Any:
+    """One train or evaluate message: open the tier, load the instruction's values, train and/or evaluate."""
+    from edge_runtime.backends import resolve_backend
+    from edge_runtime.data import TextEncoder, encode_examples
+    from edge_runtime.session import TierSession, TrainConfig
+    from edge_runtime.update import manifest_id
+
+    node = NodeSettings.from_node_config(node_config)
+    ins = instruction_from_record(content)
+    bundle_dir = bundle_dir_for(node, None, ins.manifest_id)
+    manifest = load_manifest(bundle_dir)
+    if manifest_id(manifest) != ins.manifest_id:
+        raise MessageError(f"instruction is for bundle {ins.manifest_id}; {bundle_dir} holds {manifest_id(manifest)}")
+    backend, _ = resolve_backend(node.backend)
+    session = TierSession(bundle_dir, manifest, ins.tier, backend, node.threads, with_pool=False)
+    session.load_global(ins.values, ins.assignment, ins.routing_target)
+    train_ex, held = _examples(node, manifest)
+    s = ins.train
+    max_len = int(s.get("max_seq_len") or manifest.max_seq_len)
+    encoder = TextEncoder(bundle_dir / Path(manifest.tokenizer_files[0].path).parent, max_len)
+    received = sum(int(v.nbytes) for v in ins.values.values())
+    batch = max(1, min(int(s.get("batch_size", 16)), node.batch_size))
+    if not training:
+        if held is None:
+            return metrics_to_record(ins.round, {"examples": 0.0, "received_bytes": float(received)})
+        metrics = session.evaluate(encode_examples(held, encoder), batch)
+        return metrics_to_record(ins.round, {**metrics, "received_bytes": float(received)})
+    config = TrainConfig(
+        epochs=int(s.get("epochs", 1)), max_steps=int(s["max_steps"]) if s.get("max_steps") else None, batch_size=batch,
+        learning_rate=float(s.get("learning_rate", 1e-3)), seed=int(s.get("seed", 0)) + ins.round, max_seq_len=max_len,
+    )  # fmt: skip
+    result = session.train(encode_examples(train_ex, encoder), config)
+    metrics = {"train_loss": result.mean_loss, "train_seconds": result.seconds, "steps": float(result.steps),
+               "received_bytes": float(received)}  # fmt: skip
+    update = session.update(result.examples, result.stats, metrics)
+    return update_to_record(update, ins.round)
+
+
+app = _build_app()

@@ -1,0 +1,76 @@
+"""The ClientApp's handlers without a running Flower: node settings, a train message on the tiny bundle, the
+artifact download with its hash check. (The real SuperNode path is tested in tests/coordinator/test_federation.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from coordinator.rounds import plan_round
+from coordinator.state import GlobalState
+from edge_runtime.bundle import IntegrityError, load_manifest
+from edge_runtime.client_app import NodeSettings, _run, bundle_dir_for, missing_files, needed_files
+from edge_runtime.records import instruction_to_record, metrics_from_record, update_from_record
+from edge_runtime.update import manifest_id
+from tests.conftest import write_tiny_csv
+
+
+def test_node_settings_survive_flowers_node_config_parser(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    node = NodeSettings(data=tmp_path / "my data.csv", cache_dir=tmp_path / "c", text_columns=("title", "description"),
+                        label_map="1=World,2=Sports", tier=4, max_memory=350.0, threads=2, skip_bad_rows=True)  # fmt: skip
+    parsed = parse_config_args([node.to_node_config()])
+    assert NodeSettings.from_node_config(parsed) == node
+    auto = NodeSettings.from_node_config(parse_config_args([NodeSettings(data=tmp_path / "d.csv", cache_dir=tmp_path).to_node_config()]))
+    assert auto.tier is None and auto.bundle is None and auto.max_memory is None
+    with pytest.raises(ValueError, match="lacks 'data'"):
+        NodeSettings.from_node_config({})
+
+
+def test_train_and_evaluate_messages_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(tiny_bundle)
+    pool = load_file(str(tiny_bundle / manifest.global_pool.path))
+    state = GlobalState.initial(manifest_id(manifest), pool, manifest.num_layers, manifest.num_experts)
+    ins = plan_round(state, manifest, {7: 2}, {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2, "max_steps": 2, "seed": 0})[7]
+    node = NodeSettings(data=write_tiny_csv(tmp_path / "d.csv", 20, 0), cache_dir=tmp_path, bundle=tiny_bundle, tier=2,
+                        eval_fraction=0.25, backend="ort", threads=1)  # fmt: skip
+    from flwr.common.config import parse_config_args
+
+    cfg = parse_config_args([node.to_node_config()])
+    update, round_ = update_from_record(_run(instruction_to_record(ins), cfg, training=True))
+    update.validate(manifest, ins.assignment)
+    assert round_ == 1 and update.num_examples == 8 and update.metrics["steps"] == 2  # 2 steps of 4 of the 15 training rows
+    changed = [k for k in ins.values if not np.array_equal(update.tensors[k], ins.values[k])]
+    assert set(changed) == set(ins.values)  # every tensor it was sent, trained (the second layer of w2 starts at 0)
+    assert set(update.tensors) - set(ins.values) == {"stats.route_counts", "stats.route_prob_sum"}
+    assert update.route_counts.sum() > 0
+    metrics, r = metrics_from_record(_run(instruction_to_record(ins), cfg, training=False))
+    assert r == 1 and metrics["examples"] == 5 and 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+
+
+def test_a_damaged_download_is_discarded_and_named(tiny_bundle: Path, tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from edge_runtime.client_app import write_chunks
+
+    manifest = load_manifest(tiny_bundle)
+    mid = manifest_id(manifest)
+    node = NodeSettings(data=tmp_path / "d.csv", cache_dir=tmp_path / "cache", tier=1)
+    folder = bundle_dir_for(NodeSettings.from_node_config(parse_config_args([node.to_node_config()])), manifest, mid)
+    entries = needed_files(manifest, 1, "ort")
+    assert [e.path for e in missing_files(folder, entries)] == [e.path for e in entries]
+    entry = entries[0]
+    data = (tiny_bundle / entry.path).read_bytes()
+    half = len(data) // 2
+    assert write_chunks(folder, mid, [{"path": entry.path, "offset": 0, "key": "a"}], {"a": data[:half]}) == []
+    assert write_chunks(folder, mid, [{"path": entry.path, "offset": half, "key": "b"}], {"b": data[half:]}) == [entry.path]
+    assert entry.path not in [e.path for e in missing_files(folder, entries)]
+    target = entries[1]
+    payload = (tiny_bundle / target.path).read_bytes()
+    with pytest.raises(IntegrityError, match=f"received {target.path}: sha256"):
+        write_chunks(folder, mid, [{"path": target.path, "offset": 0, "key": "c"}], {"c": payload[:-1] + bytes([payload[-1] ^ 1])})
+    assert not (folder / target.path).exists() and not (folder / (target.path + ".part")).exists()
