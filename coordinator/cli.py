@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_runtime.bundle import BundleError, load_manifest
+from edge_runtime.cli import _err, _fail  # one error style for both CLIs
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -62,17 +63,6 @@ def show(
         )  # fmt: skip
     console.print(table)
 
-
-def _err() -> Console:
-    return Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int, json_out: bool = False, kind: str = "error") -> None:
-    if json_out:
-        print(json.dumps({"ok": False, "error": kind, "message": message}))
-    else:
-        _err().print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 @app.command(epilog="Exit codes: 0 all rounds done; 1 the run failed (the last completed round stays saved: continue with "
@@ -184,7 +174,7 @@ def serve(
                       f"devices join with: fftmoe-edge join --server {address if host not in ('0.0.0.0', '') else 'THIS_HOST:' + str(port)} ...",
                       highlight=False)  # fmt: skip
         run = deploy.run_app(flwr / "cli", app_dir)
-        with open(state_dir / "run.log", "a", encoding="utf-8") as log_file:
+        with open(state_dir / "run.log", "a", encoding="utf-8", buffering=1) as log_file:
             assert run.stdout is not None
             for line in run.stdout:
                 log_file.write(line)

@@ -16,34 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import BundleError, Manifest, verify_files
+from edge_runtime.bundle import Manifest, verify_files
 from edge_runtime.data import EncodedData
 
 
 def build_global_model(bundle_dir: Path, manifest: Manifest, pool: dict[str, np.ndarray]) -> Any:
     """An ``FFTMoEModel`` with M slots holding the pool's experts (slot e = expert e), routers and head, in eval mode."""
     try:
-        import torch  # noqa: F401
-
-        from exporter.config import MoEAdapterConfig
-        from exporter.model import SUPPORTED, FFTMoEModel, load_encoder, weights_sha256
+        import torch
     except ImportError as exc:
         raise RuntimeError(
             "centralised evaluation and export of the global model need torch and transformers on the coordinator: "
             "pip install 'fftmoe[export]'"
         ) from exc
-    if not manifest.encoder_files:
-        raise BundleError(f"{bundle_dir}: the bundle has no encoder/ folder; re-export it with this fftmoe")
+    from edge_runtime.backends import model_from_bundle
+
     verify_files(bundle_dir, list(manifest.encoder_files))
-    encoder_dir = Path(bundle_dir) / Path(manifest.encoder_files[0].path).parts[0]
-    encoder, _, _, _ = load_encoder(str(encoder_dir))
-    if weights_sha256(encoder) != manifest.model.sha256:
-        raise BundleError(f"{encoder_dir}: the encoder's weights differ from the manifest's model.sha256")
-    config = MoEAdapterConfig(
-        num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
-        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
-    )  # fmt: skip
-    model = FFTMoEModel(encoder, SUPPORTED[manifest.model.model_type], config, manifest.num_experts, len(manifest.labels))
+    model = model_from_bundle(bundle_dir, manifest, manifest.num_experts)
     with torch.no_grad():
         model.load_global(pool)
     return model.eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import platform
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -168,6 +168,25 @@ class OrtBackend:
         _trim_heap()
 
 
+def model_from_bundle(bundle_dir: Path, manifest: Manifest, slots: int) -> Any:
+    """The PyTorch ``FFTMoEModel`` of a bundle with ``slots`` slots per layer, built from its ``encoder/`` folder
+    (whose weights must hash to the manifest's ``model.sha256``); the slots are not filled yet."""
+    if not manifest.encoder_files:
+        raise BundleError(f"{bundle_dir}: the bundle has no encoder/ folder, which PyTorch needs; re-export it with this fftmoe")
+    from exporter.config import MoEAdapterConfig
+    from exporter.model import SUPPORTED, FFTMoEModel, load_encoder, weights_sha256
+
+    encoder_dir = Path(bundle_dir) / Path(manifest.encoder_files[0].path).parts[0]
+    encoder, _, _, _ = load_encoder(str(encoder_dir))
+    if weights_sha256(encoder) != manifest.model.sha256:
+        raise BundleError(f"{encoder_dir}: the encoder's weights differ from the manifest's model.sha256")
+    config = MoEAdapterConfig(
+        num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
+        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
+    )  # fmt: skip
+    return FFTMoEModel(encoder, SUPPORTED[manifest.model.model_type], config, slots, len(manifest.labels))
+
+
 class TorchBackend:
     """PyTorch eager training of the same tier, built from the bundle's ``encoder/`` folder and its manifest."""
 
@@ -182,25 +201,10 @@ class TorchBackend:
                 "the PyTorch backend needs torch and transformers: pip install 'fftmoe[edge-torch]' "
                 "(on a Raspberry Pi: torch==2.9.1)"
             ) from exc
-        if not manifest.encoder_files:
-            raise BundleError(
-                f"{bundle_dir}: the bundle has no encoder/ folder, which the PyTorch backend needs; re-export it with this fftmoe"
-            )
-        from exporter.config import MoEAdapterConfig
-        from exporter.model import SUPPORTED, FFTMoEModel, load_encoder, weights_sha256
-
         if threads:
             torch.set_num_threads(threads)
-        encoder_dir = Path(bundle_dir) / Path(manifest.encoder_files[0].path).parts[0]
-        encoder, _, _, _ = load_encoder(str(encoder_dir))
-        if weights_sha256(encoder) != manifest.model.sha256:
-            raise BundleError(f"{encoder_dir}: the encoder's weights differ from the manifest's model.sha256")
-        config = MoEAdapterConfig(
-            num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
-            aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
-        )  # fmt: skip
         self.torch = torch
-        self.model = FFTMoEModel(encoder, SUPPORTED[manifest.model.model_type], config, slots, len(manifest.labels))
+        self.model = model_from_bundle(bundle_dir, manifest, slots)
         self.params = dict(self.model.trainable_named_parameters())
         expected = set(manifest.tier(slots).trainable_names)
         if set(self.params) != expected:

@@ -63,35 +63,30 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit")
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of the tiny BERT: M=4 experts of width 8, tiers 1, 2 and 4, three labels, no measurement."""
+def export_tiny(bert_dir: Path, out: Path, tiers: list[int], num_experts: int) -> Path:
+    """Export the tiny BERT with experts of width 8 (alpha = beta = 0.1), three labels, no measurement."""
     from exporter.config import MoEAdapterConfig
     from exporter.export import ExportOptions, export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
     opts = ExportOptions(
-        out=out, tiers=[1, 2, 4], adapter=MoEAdapterConfig(num_experts=4, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
-        model=str(tiny_bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False,
+        out=out, tiers=tiers, adapter=MoEAdapterConfig(num_experts=num_experts, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
+        model=str(bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False,
     )  # fmt: skip
     export_bundle(opts)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the tiny BERT: M=4 experts of width 8, tiers 1, 2 and 4, three labels, no measurement."""
+    return export_tiny(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny", [1, 2, 4], 4)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle16(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A federation's tiny bundle: M=16 experts of width 8, tiers 2, 4 and 8 (a fleet of one each has 14 slots, so
-    two experts per layer stay untrained in the first round), three labels."""
-    from exporter.config import MoEAdapterConfig
-    from exporter.export import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny16"
-    opts = ExportOptions(
-        out=out, tiers=[2, 4, 8], adapter=MoEAdapterConfig(num_experts=16, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
-        model=str(tiny_bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False,
-    )  # fmt: skip
-    export_bundle(opts)
-    return out
+    """A federation's tiny bundle: M=16 experts, tiers 2, 4 and 8 (a fleet of one each has 14 slots, so two
+    experts per layer stay untrained in the first round)."""
+    return export_tiny(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny16", [2, 4, 8], 16)
 
 
 def write_tiny_csv(path: Path, rows: int, seed: int) -> Path:

@@ -43,11 +43,11 @@ def changed_experts(before: dict, after: dict, manifest) -> set[tuple[int, int]]
             if any(not np.array_equal(before[f"layers.{l}.experts.{e}.{t}"], after[f"layers.{l}.experts.{e}.{t}"]) for t in ("w2", "b2"))}  # fmt: skip
 
 
-def serve(bundle: Path, state: Path, port: int, rounds: int, resume: bool) -> subprocess.Popen:
+def serve(bundle: Path, state: Path, port: int, rounds: int, resume: bool, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [str(BIN / "fftmoe-coordinator"), "serve", "--bundle", str(bundle), "--state-dir", str(state), "--rounds", str(rounds),
            "--min-clients", "3", "--insecure", "--port", str(port), "--local-steps", "2", "--batch-size", "8",
            "--round-timeout", "240", "--wait-seconds", "240", "--json"]  # fmt: skip
-    return subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd + (["--resume"] if resume else []) + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
 
 
@@ -68,7 +68,8 @@ def test_three_tiers_two_rounds_and_resume(tiny_bundle16: Path, tmp_path: Path) 
     port = free_port()
     state_dir = tmp_path / "state"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    coordinator = serve(tiny_bundle16, state_dir, port, 1, resume=False)
+    held_out = write_tiny_csv(tmp_path / "central.csv", 12, seed=7)  # centralised evaluation on the coordinator
+    coordinator = serve(tiny_bundle16, state_dir, port, 1, resume=False, extra=("--eval-data", str(held_out)))
     nodes = []
     try:
         for i, tier in enumerate(TIERS):
@@ -93,6 +94,7 @@ def test_three_tiers_two_rounds_and_resume(tiny_bundle16: Path, tmp_path: Path) 
         # an expert held but routed no token in two local steps may keep its values; one nobody held must
         assert changed <= trained and len(changed) >= len(trained) // 2, (sorted(trained - changed), sorted(changed - trained))
         assert "federated" in entry and 0 <= entry["federated"]["accuracy"] <= 1
+        assert after1.history[0]["round"] == 0 and after1.history[0]["central"]["examples"] == 12 and "central" in entry
         for i in (0, 1):  # fetched and verified only their tier's files; the pre-provisioned node fetched nothing
             cached = tmp_path / f"cache{i}" / manifest_id(manifest) / "tiers"
             assert sorted(p.name for p in cached.iterdir()) == [f"t{TIERS[i]}"]

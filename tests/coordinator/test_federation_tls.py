@@ -1,0 +1,92 @@
+"""Loopback federation over TLS with SuperNode authentication: a registered device trains a round; a device whose
+key is not registered is refused and its join gives up with exit code 1 (Flower's own TLS and authentication)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import subprocess
+from pathlib import Path
+
+from coordinator.deploy import free_port, stop
+from coordinator.state import GlobalState
+from edge_runtime.bundle import load_manifest
+from edge_runtime.update import manifest_id
+from tests.conftest import write_tiny_csv
+from tests.coordinator.test_federation import BIN, finish
+
+
+def make_tls(folder: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for localhost / 127.0.0.1 (what the README does with openssl)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pem = serialization.Encoding.PEM
+
+    def cert(subject: str, key, issuer_name, issuer_key, ca: bool):  # noqa: ANN001, ANN202
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))  # fmt: skip
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_cert = cert("fftmoe-test-ca", ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fftmoe-test-ca")]), ca_key, True)
+    srv_cert = cert("localhost", srv_key, ca_cert.subject, ca_key, False)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(pem))
+    paths[1].write_bytes(srv_cert.public_bytes(pem))
+    paths[2].write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair in OpenSSH format (what ssh-keygen -t ecdsa -b 384 writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" " + name.encode())
+    private.chmod(0o600)
+    return private, public
+
+
+def test_tls_and_node_authentication(tiny_bundle: Path, tmp_path: Path) -> None:
+    ca, cert, key = make_tls(tmp_path)
+    good, good_pub = make_node_key(tmp_path, "device1")
+    stranger, _ = make_node_key(tmp_path, "stranger")
+    port = free_port()
+    state_dir = tmp_path / "state"
+    cmd = [str(BIN / "fftmoe-coordinator"), "serve", "--bundle", str(tiny_bundle), "--state-dir", str(state_dir), "--rounds", "1",
+           "--min-clients", "1", "--port", str(port), "--local-steps", "1", "--batch-size", "4", "--eval-every", "0",
+           "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--authorized-key", str(good_pub),
+           "--round-timeout", "240", "--wait-seconds", "240", "--json"]  # fmt: skip
+    coordinator = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    joins = []
+    try:
+        for name, private, retry in (("device1", good, "600"), ("stranger", stranger, "20")):
+            data = write_tiny_csv(tmp_path / f"{name}.csv", 20, seed=len(name))
+            join = [str(BIN / "fftmoe-edge"), "join", "--server", f"localhost:{port}", "--data", str(data), "--tier", "2",
+                    "--root-certificates", str(ca), "--auth-key", str(private), "--cache-dir", str(tmp_path / f"cache-{name}"),
+                    "--threads", "1", "--retry-seconds", retry]  # fmt: skip
+            joins.append(subprocess.Popen(join, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True))
+        result = finish(coordinator, 600)
+        assert result["ok"] and result["rounds_done"] == 1, result
+        state = GlobalState.load(state_dir, manifest_id(load_manifest(tiny_bundle)))
+        assert len(state.history[-1]["accepted"]) == 1
+        _, err = joins[1].communicate(timeout=300)  # refused until its retry window closes
+        assert joins[1].returncode == 1 and "no connection" in err
+        log = next((tmp_path / "cache-stranger").glob("supernode-*/supernode.log")).read_text()
+        assert "Failed to activate SuperNode" in log or "PERMISSION_DENIED" in log or "denied" in log.lower(), log[-2000:]
+    finally:
+        for p in [coordinator, *joins]:
+            stop(p, timeout=5)
