@@ -147,7 +147,7 @@ def choose_node_tier(node: NodeSettings, manifest: Manifest, bundle_dir: Path, b
 
     if node.tier is not None:
         manifest.tier(node.tier)
-        return node.tier, node.batch_size, "set with --tier"
+        return node.tier, node.batch_size, "fixed when the device joined (--tier, or chosen then from --bundle)"
     remembered = bundle_dir / TIER_FILE
     if remembered.is_file():
         d = json.loads(remembered.read_text(encoding="utf-8"))
