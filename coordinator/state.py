@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.checkpoints import commit_checkpoint, first_mismatch
+from edge_runtime.checkpoints import commit_checkpoint, read_pointer
 
 STATE_FORMAT = "fftmoe-global-state"
 STATE_VERSION = 1
@@ -72,17 +72,8 @@ class GlobalState:
         """The last committed state of ``folder``; refused if damaged or (with ``manifest_id``) of another bundle."""
         from safetensors.numpy import load_file
 
-        pointer_path = folder / LATEST
-        if not pointer_path.is_file():
-            raise GlobalStateError(f"{pointer_path}: no saved global state (start without --resume)")
+        _, ckpt = read_pointer(folder / LATEST, STATE_FORMAT, STATE_VERSION, GlobalStateError, "no saved global state (start without --resume)")
         try:
-            pointer = json.loads(pointer_path.read_text(encoding="utf-8"))
-            if pointer.get("format") != STATE_FORMAT or pointer.get("format_version") != STATE_VERSION:
-                raise GlobalStateError(f"{pointer_path}: not a {STATE_FORMAT} version {STATE_VERSION} file")
-            ckpt = folder / pointer["checkpoint"]
-            bad = first_mismatch(ckpt, pointer["files"])
-            if bad is not None:
-                raise GlobalStateError(f"{bad}: contents differ from the SHA-256 recorded in {pointer_path}")
             meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
             pool = load_file(str(ckpt / POOL_FILE))
             state = cls(meta["manifest_id"], pool, np.asarray(meta["usage"], np.float64), int(meta["round"]),

@@ -7,11 +7,12 @@ A crash at any moment leaves the previous pointer and the folder it names intact
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from edge_runtime.bundle import sha256_file
 
@@ -56,3 +57,26 @@ def first_mismatch(folder: Path, files: dict[str, str]) -> Path | None:
         if sha256_file(folder / file_name) != digest:
             return folder / file_name
     return None
+
+
+def read_pointer(
+    pointer: Path, fmt: str, version: int, error: type[Exception], missing: str, files_key: str = "files"
+) -> tuple[dict[str, Any], Path]:
+    """The fields of a committed pointer and the checkpoint folder it names, after checking what can be damaged.
+
+    Raises ``error`` naming the file when the pointer is absent (``missing`` says what to do), unreadable, of another
+    format or version, or when a file of the folder differs from its recorded SHA-256 (``pointer[files_key]``).
+    """
+    if not pointer.is_file():
+        raise error(f"{pointer}: {missing}")
+    try:
+        raw = json.loads(pointer.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict) or raw.get("format") != fmt or raw.get("format_version") != version:
+            raise error(f"{pointer}: not a {fmt} version {version} file (written by another fftmoe?)")
+        folder = pointer.parent / str(raw["checkpoint"])
+        bad = first_mismatch(folder, raw.get(files_key) or {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise error(f"{pointer}: damaged ({exc})") from exc
+    if bad is not None:
+        raise error(f"{bad}: contents differ from the SHA-256 recorded in {pointer}")
+    return raw, folder

@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_runtime.backends import TierBackend
 from edge_runtime.bundle import Manifest
-from edge_runtime.checkpoints import commit_checkpoint, first_mismatch
+from edge_runtime.checkpoints import commit_checkpoint, read_pointer
 from edge_runtime.data import EncodedData
 from edge_runtime.session import RoutingStats, StepResult, TierSession, TrainConfig, TrainResult
 from edge_runtime.update import manifest_id
@@ -89,19 +89,11 @@ def read_run(out: Path) -> tuple[RunState, dict[str, np.ndarray], Path]:
     """The committed state of a run folder, its weights (hash-checked) and its checkpoint folder."""
     from safetensors.numpy import load_file
 
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise StateError(f"{path}: no saved state to resume from (start without --resume)")
+    raw, folder = read_pointer(out / STATE_FILE, STATE_FORMAT, STATE_VERSION, StateError,
+                               "no saved state to resume from (start without --resume)", files_key="checkpoint_files")  # fmt: skip
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != STATE_FORMAT or raw.get("format_version") != STATE_VERSION:
-            raise StateError(f"{path}: not a {STATE_FORMAT} version {STATE_VERSION} file (written by another fftmoe?); start a new run")
         raw.pop("format"), raw.pop("format_version")
         state = RunState(**raw)
-        folder = out / state.checkpoint
-        bad = first_mismatch(folder, state.checkpoint_files or {})
-        if bad is not None:
-            raise StateError(f"{bad}: contents differ from the SHA-256 recorded in {path}")
         values = load_file(str(folder / WEIGHTS_FILE))
     except (OSError, ValueError, TypeError) as exc:
         raise StateError(f"{out}: saved state is damaged ({exc})") from exc
