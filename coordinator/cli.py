@@ -105,11 +105,8 @@ def serve(
     slots by tier, merges their sparse updates per expert, and saves the global state atomically in --state-dir,
     so that --resume continues after a crash or Ctrl-C. Either TLS (--ssl-*) or --insecure is required.
     """
-    import signal
-    import time
-
     from coordinator import deploy
-    from coordinator.server_app import STATUS_FILE, RunSettings
+    from coordinator.server_app import RunSettings
     from coordinator.state import LATEST, GlobalState, GlobalStateError
     from edge_runtime.update import manifest_id
 
@@ -150,57 +147,27 @@ def serve(
         _fail(f"{state_dir} already holds a global state: continue it with --resume, or choose another --state-dir", EXIT_BAD_ARGS, json_out)
 
     state_dir.mkdir(parents=True, exist_ok=True)
-    flwr = state_dir / "flower"
-    (state_dir / STATUS_FILE).unlink(missing_ok=True)
-    address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     err = _err()
-    link = run = None
-    interrupted = {"flag": False}
 
-    def on_sigint(_sig, _frame) -> None:
-        interrupted["flag"] = True
-        deploy.stop(run)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        link = deploy.start_superlink(flwr / "superlink", host, port, tls, bool(authorized_key), state_dir / "superlink.log")
-        deploy.wait_for_port(host, port, 60, link)
-        deploy.write_cli_config(flwr / "cli", address, tls.ca_cert if tls else None)
-        for i, key in enumerate(authorized_key):
-            deploy.register_supernode(flwr / "cli", key.resolve(), key.stem or f"node{i}")
-        app_dir = deploy.write_app(flwr, settings)
+    def announce(address: str) -> None:
         if not json_out:
             err.print(f"SuperLink on {host}:{port} ({'TLS' if tls else 'insecure'}{', node authentication' if authorized_key else ''}); "
                       f"devices join with: fftmoe-edge join --server {address if host not in ('0.0.0.0', '') else 'THIS_HOST:' + str(port)} ...",
                       highlight=False)  # fmt: skip
-        run = deploy.run_app(flwr / "cli", app_dir)
-        with open(state_dir / "run.log", "a", encoding="utf-8", buffering=1) as log_file:
-            assert run.stdout is not None
-            for line in run.stdout:
-                log_file.write(line)
-                if not json_out:
-                    sys.stderr.write(line)
-        run.wait()
+
+    try:
+        outcome = deploy.run_federation(settings, state_dir, (lambda line: None) if json_out else sys.stderr.write, host, port, tls,
+                                        authorized_key, announce=announce)  # fmt: skip
     except deploy.DeployError as exc:
         _fail(f"{exc} (see {state_dir / 'superlink.log'})", EXIT_FAILED, json_out, "deploy")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        deploy.stop(run)
-        deploy.stop(link)
-    status = {}
-    for _ in range(20):  # the ServerApp writes it as its last act; the stream can end just before
-        if (state_dir / STATUS_FILE).is_file():
-            status = json.loads((state_dir / STATUS_FILE).read_text(encoding="utf-8"))
-            if not status.get("running"):
-                break
-        time.sleep(0.25)
+    status = outcome.status
     try:
         final = GlobalState.load(state_dir, manifest_id(manifest))
     except GlobalStateError:
         final = None
     summary = {"ok": bool(status.get("ok")), "rounds_done": final.round if final else 0, "state_dir": str(state_dir),
                "history": str(state_dir / "history.json"), "plot": str(state_dir / "progress.png")}  # fmt: skip
-    if interrupted["flag"]:
+    if outcome.interrupted:
         summary.update(ok=False, error="interrupted", message=f"stopped; {summary['rounds_done']} round(s) saved: continue with --resume")
     elif not status.get("ok"):
         summary.update(error=status.get("error", "failed"), message=status.get("message", f"the run ended without a result; see {state_dir / 'run.log'}"))
@@ -210,10 +177,200 @@ def serve(
         Console().print(f"done: {summary['rounds_done']} round(s); state in {state_dir}, plot {summary['plot']}", highlight=False)
     else:
         err.print(f"[red]{summary.get('error')}:[/red] {summary['message']}", highlight=False)
-    if interrupted["flag"]:
+    if outcome.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if not summary["ok"]:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command(epilog="Exit codes: 0 all rounds done; 1 the run failed (what completed stays saved: run the same command "
+                    "again to continue); 2 invalid arguments or data; 3 invalid bundle or saved state; 130 interrupted.")  # fmt: skip
+def simulate(
+    bundle: Path = typer.Option(..., help="Bundle folder written by fftmoe-export."),
+    data: str = typer.Option(..., help="Labelled data file (CSV, TSV, JSONL, Parquet), or `ag_news` from the Hugging Face hub (needs network)."),
+    out: Path = typer.Option(Path("runs/simulation"), help="Run folder: plan, client data, global state, metrics.jsonl, summary.json, plots."),
+    clients: int = typer.Option(20, help="Virtual devices."),
+    fleet: str = typer.Option("mixed-edge", help="Fleet: a name in devices/fleets (mixed-edge, three-tiers) or a .json file."),
+    partition: str = typer.Option("dirichlet", help="dirichlet (label skew, flwr-datasets' DirichletPartitioner convention) or iid."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration: smaller, more skewed clients."),
+    min_partition_size: int = typer.Option(10, help="Rows each client gets at least (the Dirichlet draw is repeated until it holds)."),
+    test_fraction: float = typer.Option(0.2, help="Share of each client's rows kept as its local test part."),
+    global_test_fraction: float = typer.Option(0.1, help="Share of all rows held out before partitioning, to test the global model."),
+    text_column: list[str] = typer.Option(["text"], help="Text column(s) of --data, joined (repeat for several)."),
+    label_column: str = typer.Option("label", help="Label column of --data."),
+    label_map: Optional[str] = typer.Option(None, help="Label mapping of --data, e.g. 1=World,2=Sports."),
+    rounds: int = typer.Option(5, help="Federated rounds (in total: running again continues up to this many)."),
+    fraction: float = typer.Option(1.0, help="Share of the clients sampled per round."),
+    min_clients: int = typer.Option(2, help="Valid updates needed to complete a round."),
+    local_epochs: int = typer.Option(1, help="Passes over its local training part each client makes per round."),
+    local_steps: int = typer.Option(0, help="At most this many local steps per round (0: no limit)."),
+    batch_size: int = typer.Option(16, help="Local batch size (a client caps it at what its board's memory affords)."),
+    lr: float = typer.Option(1e-3, help="Clients' AdamW learning rate."),
+    max_seq_len: int = typer.Option(0, help="Token limit per row (0: the bundle's maximum)."),
+    eval_every: int = typer.Option(1, help="Evaluate (global and personalised) every N rounds."),
+    weighting: str = typer.Option("examples", help="Merge weights: examples or tokens."),
+    seed: int = typer.Option(0, help="Seed of the hold-out, partition, fleet order, sampling and data order."),
+    parallel: int = typer.Option(0, help="Clients training at once (0: this machine's cores); each uses one thread."),
+    verbose: bool = typer.Option(False, "--verbose", help="Echo the whole run log (it is always in OUT/run.log)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run a whole federation on this machine: the coordinator and --clients virtual devices of a --fleet.
+
+    Uses Flower's simulation runtime with the same ServerApp and ClientApp as `serve` and `fftmoe-edge join`. The
+    data is split over the clients (--partition, --alpha) and each client gets the tier its board would choose.
+    Running the same command again continues a stopped run from its last completed round. Writes OUT/metrics.jsonl,
+    OUT/summary.json and plots (accuracy.png, accuracy-vs-upload.png, expert-usage.png, memory.png, partition.png).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from coordinator import deploy
+    from coordinator.report import ReportError, write_report
+    from coordinator.simulate import SimSettings, SimulationError, prepare, run_settings
+    from coordinator.state import LATEST, GlobalState, GlobalStateError
+    from edge_runtime.update import manifest_id
+
+    err = _err()
+    try:
+        manifest = load_manifest(bundle)
+        run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
+               "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting}  # fmt: skip
+        settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
+                               min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,
+                               text_columns=tuple(text_column), label_column=label_column, label_map=label_map or "", seed=seed,
+                               parallel=parallel, run=run)  # fmt: skip
+        if not json_out:
+            err.print(f"preparing {clients} clients in {out} ...", highlight=False)
+        plan = prepare(settings)
+        resume = (out / "state" / LATEST).exists()
+        done = GlobalState.load(out / "state", manifest_id(manifest)).round if resume else 0
+        rs = run_settings(settings, plan, resume)
+    except BundleError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "manifest")
+    except GlobalStateError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "state")
+    except (SimulationError, ValueError) as exc:
+        _fail(str(exc), EXIT_BAD_ARGS, json_out)
+    if not json_out:
+        tiers = {}
+        for n in plan["nodes"]:
+            tiers[n["tier"]] = tiers.get(n["tier"], 0) + 1
+        err.print(f"{len(plan['nodes'])} clients of fleet {plan['fleet']['name']}, tiers {dict(sorted(tiers.items()))}; "
+                  f"{plan['rows']} rows from {plan['source']} ({plan['global_test_rows']} held out for the global test)"
+                  + (f"; continuing after round {done}" if done else ""), highlight=False)  # fmt: skip
+    if done < rounds:
+        import re
+
+        pattern = re.compile(r"round (\d+)/(\d+): ")
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                            TimeElapsedColumn(), console=err, disable=json_out or verbose, transient=False)  # fmt: skip
+
+        with progress:
+            task = progress.add_task("federated rounds", total=rounds, completed=done)
+
+            def on_line(line: str) -> None:
+                if verbose:
+                    sys.stderr.write(line)
+                m = pattern.search(line)
+                if m and "merged" in line:
+                    progress.update(task, completed=int(m.group(1)), description=line.split("INFO :", 1)[-1].strip()[:90])
+
+            try:
+                outcome = deploy.run_federation(rs, out, on_line, simulation_nodes=len(plan["nodes"]), simulation_cpus=parallel)
+            except deploy.DeployError as exc:
+                _fail(f"{exc} (see {out / 'superlink.log'})", EXIT_FAILED, json_out, "deploy")
+        ok, interrupted = bool(outcome.status.get("ok")), outcome.interrupted
+    else:
+        ok, interrupted, outcome = True, False, None
+    try:
+        summary = write_report(out, manifest)
+    except ReportError as exc:
+        summary = {"error": str(exc)}
+    summary.update(ok=ok and not interrupted)
+    if interrupted:
+        summary.update(error="interrupted", message=f"stopped; run the same command again to continue ({out})")
+    elif not ok and outcome is not None:
+        summary.update(error=outcome.status.get("error", "failed"), message=outcome.status.get("message", f"see {out / 'run.log'}"))
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        _print_summaries([summary])
+        if summary["ok"]:
+            Console().print(f"metrics, summary and plots in {out}", highlight=False)
+        else:
+            err.print(f"[red]{summary.get('error')}:[/red] {summary.get('message', '')}", highlight=False)
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not summary["ok"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+SUMMARY_COLUMNS = [
+    ("run", "run", lambda v: str(v)), ("method", "method", str), ("partition", "data", lambda v: str(v)),
+    ("alpha", "alpha", lambda v: "-" if v is None else f"{v:g}"), ("rounds", "rounds", str),
+    ("final_global_accuracy", "global acc", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("final_personal_accuracy", "personal acc", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("rounds_to_target", "rounds to 80%", lambda v: "-" if v is None else str(v)),
+    ("upload_mb_per_client_round", "up MB/client-round", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("peak_rss_mb_by_tier", "peak RSS MB by tier", lambda v: ", ".join(f"t{k}: {x:.0f}" for k, x in sorted(v.items(), key=lambda kv: int(kv[0]))) if v else "-"),
+    ("wall_seconds", "wall s", lambda v: "-" if v is None else f"{v:.0f}"),
+]  # fmt: skip
+
+
+def _print_summaries(summaries: list[dict]) -> None:
+    table = Table()
+    for _, title, _ in SUMMARY_COLUMNS:
+        table.add_column(title, justify="right")
+    for s in summaries:
+        table.add_row(*(fmt(s.get(key)) if s.get(key) is not None or key == "alpha" else "-" for key, _, fmt in SUMMARY_COLUMNS))
+    Console().print(table)
+
+
+@app.command(epilog="Exit codes: 0 written; 3 a run folder or its bundle cannot be read.")
+def report(
+    out: Path = typer.Option(..., help="Run folder of `simulate`."),
+    bundle: Optional[Path] = typer.Option(None, help="The run's bundle (default: the one its plan names)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """(Re)write a run folder's metrics.jsonl, summary.json and plots from its saved history (also mid-run)."""
+    from coordinator.report import ReportError, write_report
+
+    try:
+        if bundle is None:
+            plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+            bundle = Path(plan["bundle"])
+        summary = write_report(out, load_manifest(bundle))
+    except (OSError, KeyError, ValueError, BundleError, ReportError) as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "report")
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        _print_summaries([summary])
+
+
+@app.command(epilog="Exit codes: 0 compared; 3 a run folder cannot be read.")
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run folders of `simulate` (reported)."),
+    plot: Path = typer.Option(Path("runs/compare.png"), help="Where to write the comparison plot."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
+) -> None:
+    """Compare runs: one table (final and personalised accuracy, rounds to 80%, upload per client-round, peak memory
+    per tier, wall time) and one plot (global accuracy against round and against cumulative upload)."""
+    from coordinator.report import ReportError, load_run, plot_compare
+
+    loaded = []
+    try:
+        for folder in runs:
+            loaded.append(load_run(folder))
+    except ReportError as exc:
+        _fail(str(exc), EXIT_INVALID, json_out, "compare")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_compare([(f"{s['method']} {s.get('partition')}{'' if s.get('alpha') is None else ' a=' + format(s['alpha'], 'g')} ({Path(s['run']).name})", rows)
+                  for s, rows in loaded], plot)  # fmt: skip
+    if json_out:
+        print(json.dumps({"runs": [s for s, _ in loaded], "plot": str(plot)}))
+    else:
+        _print_summaries([s for s, _ in loaded])
+        Console().print(f"plot: {plot}", highlight=False)
 
 
 @app.command(epilog="Exit codes: 0 written; 1 export failed; 3 invalid bundle or saved state.")

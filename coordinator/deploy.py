@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -118,9 +118,13 @@ def _popen(cmd: Sequence[str], env: dict[str, str], log_path: Path | None) -> su
     return subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_superlink(home: Path, host: str, port: int, tls: Tls | None, auth: bool, log_path: Path, database: Path | None = None) -> subprocess.Popen:
-    """A SuperLink (Fleet, Control and Runtime APIs on one port); app dependencies are not installed at run time."""
+def start_superlink(home: Path, host: str, port: int, tls: Tls | None, auth: bool, log_path: Path, database: Path | None = None,
+                    simulation: bool = False) -> subprocess.Popen:  # fmt: skip
+    """A SuperLink (Fleet, Control and Runtime APIs on one port); app dependencies are not installed at run time.
+    With ``simulation`` it runs Flower's simulation runtime (virtual SuperNodes in Ray workers) instead of a Fleet API."""
     cmd = [str(bin_dir() / "flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if simulation:
+        cmd.append("--simulation")
     if tls is None:
         cmd.append("--insecure")
     else:
@@ -147,10 +151,86 @@ def register_supernode(home: Path, public_key: Path, name: str) -> None:
         raise DeployError(f"registering {public_key} failed: {(res.stdout + res.stderr).strip()[-500:]}")
 
 
-def run_app(home: Path, app_dir: Path) -> subprocess.Popen:
-    """``flwr run APP fftmoe --stream``: submits the run and streams the ServerApp's log until it ends."""
-    return subprocess.Popen([str(bin_dir() / "flwr"), "run", str(app_dir), FEDERATION, "--stream"], env=flower_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)  # fmt: skip
+def run_app(home: Path, app_dir: Path, federation_config: str = "") -> subprocess.Popen:
+    """``flwr run APP fftmoe --stream``: submits the run and streams the ServerApp's log until it ends.
+    ``federation_config`` (e.g. ``num-supernodes=20``) configures a simulation SuperLink's virtual nodes."""
+    cmd = [str(bin_dir() / "flwr"), "run", str(app_dir), FEDERATION, "--stream"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    return subprocess.Popen(cmd, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """How a federation run ended: the ServerApp's status file (``ok``, ``error``, ``message``) and whether Ctrl-C
+    stopped it."""
+
+    status: dict
+    interrupted: bool
+
+
+def run_federation(
+    settings: RunSettings, state_dir: Path, on_line: Callable[[str], None], host: str = "127.0.0.1", port: int | None = None,
+    tls: Tls | None = None, authorized_keys: Sequence[Path] = (), simulation_nodes: int = 0, simulation_cpus: int = 0,
+    announce: Callable[[str], None] | None = None,
+) -> Outcome:  # fmt: skip
+    """Start a SuperLink, submit the fftmoe app with ``settings`` as its run config, hand every line of the run's log
+    to ``on_line`` (and append it to ``state_dir/run.log``), and stop everything at the end or on Ctrl-C.
+
+    ``simulation_nodes > 0`` runs Flower's simulation runtime with that many virtual SuperNodes, each ClientApp
+    given one CPU, ``simulation_cpus`` (0: all) at once; otherwise devices join the SuperLink over the network.
+    """
+    import signal
+
+    from coordinator.server_app import STATUS_FILE
+
+    port = port or free_port()
+    flwr = state_dir / "flower"
+    status_path = Path(settings.state_dir) / STATUS_FILE
+    status_path.unlink(missing_ok=True)
+    address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    link = run = None
+    interrupted = {"flag": False}
+
+    def on_sigint(_sig, _frame) -> None:  # noqa: ANN001
+        interrupted["flag"] = True
+        stop(run)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        link = start_superlink(flwr / "superlink", host, port, tls, bool(authorized_keys), state_dir / "superlink.log",
+                               simulation=simulation_nodes > 0)  # fmt: skip
+        wait_for_port(host, port, 60, link)
+        write_cli_config(flwr / "cli", address, tls.ca_cert if tls else None)
+        for i, key in enumerate(authorized_keys):
+            register_supernode(flwr / "cli", Path(key).resolve(), Path(key).stem or f"node{i}")
+        app_dir = write_app(flwr, settings)
+        if announce is not None:
+            announce(address)
+        federation = ""
+        if simulation_nodes > 0:
+            federation = f"num-supernodes={simulation_nodes} client-resources-num-cpus=1"
+            federation += f" init-args-num-cpus={simulation_cpus}" if simulation_cpus else ""
+        run = run_app(flwr / "cli", app_dir, federation)
+        with open(state_dir / "run.log", "a", encoding="utf-8", buffering=1) as log_file:
+            assert run.stdout is not None
+            for line in run.stdout:
+                log_file.write(line)
+                on_line(line)
+        run.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop(run)
+        stop(link)
+    status: dict = {}
+    for _ in range(20):  # the ServerApp writes it as its last act; the stream can end just before
+        if status_path.is_file():
+            status = json.loads(status_path.read_text(encoding="utf-8"))
+            if not status.get("running"):
+                break
+        time.sleep(0.25)
+    return Outcome(status, interrupted["flag"])
 
 
 def supernode_command(superlink: str, node_config: str, port: int, root_cert: Path | None, private_key: Path | None,

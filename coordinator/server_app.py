@@ -103,6 +103,8 @@ class RunSettings:
     """Send devices the tier files they lack (--serve-artifacts/--no-serve-artifacts)."""
     chunk_mb: int = 32
     """Largest piece of a file in one artifacts message, MB."""
+    sim_plan: str = ""
+    """Set by ``fftmoe-coordinator simulate``: the plan whose entries give each virtual node its settings."""
 
     @classmethod
     def from_run_config(cls, cfg: dict[str, Any]) -> RunSettings:
@@ -166,6 +168,19 @@ def artifact_batches(bundle_dir: Path, paths: list[str], limit: int) -> list[lis
             if size == 0:
                 break
     return [b for b in batches if b]
+
+
+CLIENT_METRICS = ("train_loss", "train_seconds", "seconds", "steps", "rss_mb", "peak_rss_mb")
+"""What the history keeps of each device's own report, per round (wall time and memory by tier)."""
+
+
+def expert_tokens(num_experts: int, assignment: list[list[int]], route_counts: np.ndarray) -> list[float]:
+    """Tokens a device routed to each global expert this round, summed over layers ([M]): slot j of layer l holds
+    expert ``assignment[l][j]``, and ``route_counts[l, j]`` counts the tokens routed to that slot."""
+    out = np.zeros(num_experts, np.float64)
+    for layer, experts in enumerate(assignment):
+        np.add.at(out, np.asarray(experts, np.int64), np.asarray(route_counts[layer], np.float64))
+    return out.tolist()
 
 
 def _nbytes(values: dict[str, np.ndarray]) -> int:
@@ -326,6 +341,9 @@ class FFTMoEStrategy:
             "examples": {str(n): w for n, w in weights.items()},
             "train_loss": sum(u.metrics.get("train_loss", 0.0) * weights[n] for n, u in accepted.items()) / total,
             "assignment": {str(n): sent[n].assignment for n in sent},
+            "names": {str(n): str(self.devices.get(n, {}).get("name", "")) for n in sent},
+            "client_metrics": {str(n): {k: float(u.metrics[k]) for k in CLIENT_METRICS if k in u.metrics} for n, u in accepted.items()},
+            "expert_tokens": {str(n): expert_tokens(self.manifest.num_experts, sent[n].assignment, u.route_counts) for n, u in accepted.items()},
         }  # fmt: skip
         return apply_round(state, self.manifest, screened, self.settings.weighting, record), screened
 
@@ -348,12 +366,13 @@ class FFTMoEStrategy:
                 log.warning("%s", exc)
                 continue
             if r == round_ and metrics.get("examples", 0) > 0:
-                results.append(metrics)
+                results.append((node, metrics))
         if not results:
             return None
-        n = sum(m["examples"] for m in results)
-        return {"accuracy": sum(m["accuracy"] * m["examples"] for m in results) / n,
-                "loss": sum(m["loss"] * m["examples"] for m in results) / n, "examples": n, "nodes": float(len(results))}  # fmt: skip
+        n = sum(m["examples"] for _, m in results)
+        return {"accuracy": sum(m["accuracy"] * m["examples"] for _, m in results) / n,
+                "loss": sum(m["loss"] * m["examples"] for _, m in results) / n, "examples": n, "nodes": float(len(results)),
+                "per_node": {str(node): {k: m[k] for k in ("accuracy", "loss", "examples")} for node, m in results}}  # fmt: skip
 
     def evaluate_central(self, state: GlobalState) -> dict[str, float] | None:
         if not self.settings.eval_data:

@@ -11,9 +11,12 @@ Messages (contents defined in ``edge_runtime.records``, documented in ``docs/upd
 - ``evaluate``: the same kind of instruction without training; the device replies with accuracy and loss on its
   held-out share.
 
-Every setting of the device comes from the SuperNode's ``--node-config`` (``NodeSettings``). A new ClientApp
-process starts for every message, so nothing is kept in memory between messages: what must persist (the tier
-choice, downloaded files) lives in the cache folder.
+Every setting of the device comes from the SuperNode's ``--node-config`` (``NodeSettings``); a virtual device of
+``fftmoe-coordinator simulate`` gets them from the simulation plan named in the run config, by its partition id.
+On a SuperNode a new ClientApp process starts for every message, so what must persist (the tier choice,
+downloaded files) lives in the cache folder. In a simulation the process lives on: the tokenised data and the
+evaluation sessions are kept in memory (``_CACHE``), but every train message opens its tier afresh, so that no
+optimizer state leaks from one round or device to the next.
 """
 
 from __future__ import annotations
@@ -68,6 +71,23 @@ class NodeSettings:
     backend: str = "auto"
     threads: int | None = None
     seed: int = 0
+    eval_data: Path | None = None
+    """A separate held-out data file for federated evaluation; when set, all of ``data`` is trained on."""
+    name: str = ""
+    """How the device names itself in the coordinator's log and history (a simulation: ``client-07 rpi-4-2gb``)."""
+
+    @classmethod
+    def from_context(cls, node_config: dict[str, Any], run_config: dict[str, Any]) -> NodeSettings:
+        """The settings of this node: its node config, or for a simulation's virtual node (which has only a
+        ``partition-id``) the plan entry of its partition."""
+        plan = run_config.get("sim-plan")
+        if plan and "partition-id" in node_config:
+            nodes = _read_plan(str(plan))
+            pid = int(node_config["partition-id"])
+            if not 0 <= pid < len(nodes):
+                raise ValueError(f"simulation plan {plan} has {len(nodes)} node(s); there is no partition {pid}")
+            return cls.from_node_config(nodes[pid])
+        return cls.from_node_config(node_config)
 
     @classmethod
     def from_node_config(cls, cfg: dict[str, Any]) -> NodeSettings:
@@ -87,7 +107,8 @@ class NodeSettings:
             tier=None if str(tier) == "auto" else int(tier), batch_size=int(opt("batch-size", 16)),
             max_memory=float(opt("max-memory")) if opt("max-memory") else None, device=str(opt("device", "")),
             backend=str(opt("backend", "auto")), threads=int(opt("threads")) if opt("threads") else None,
-            seed=int(opt("seed", 0)),
+            seed=int(opt("seed", 0)), eval_data=Path(str(opt("eval-data"))) if opt("eval-data") else None,
+            name=str(opt("name", "")),
         )  # fmt: skip
 
     def to_node_config(self) -> str:
@@ -97,9 +118,23 @@ class NodeSettings:
             "text-columns": ",".join(self.text_columns), "label-column": self.label_column, "label-map": self.label_map,
             "skip-bad-rows": self.skip_bad_rows, "eval-fraction": self.eval_fraction, "tier": "auto" if self.tier is None else self.tier,
             "batch-size": self.batch_size, "max-memory": self.max_memory or 0.0, "device": self.device, "backend": self.backend,
-            "threads": self.threads or 0, "seed": self.seed,
+            "threads": self.threads or 0, "seed": self.seed, "eval-data": str(self.eval_data or ""), "name": self.name,
         }  # fmt: skip
         return " ".join(f"{k}={_toml(v)}" for k, v in items.items())
+
+
+def _read_plan(path: str) -> list[dict[str, Any]]:
+    """The node configs of a simulation plan (``coordinator.simulate``), read once per process."""
+    key = ("plan", path)
+    if key not in _CACHE:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        _CACHE[key] = [dict(n["node_config"]) for n in data["nodes"]]
+    return _CACHE[key]
+
+
+_CACHE: dict[Any, Any] = {}
+"""What a long-lived ClientApp process (a simulation's) keeps between messages: the plan, tokenised data,
+evaluation sessions. A SuperNode's ClientApp process handles one message, so there it never hits."""
 
 
 def _toml(v: Any) -> str:
@@ -193,14 +228,40 @@ def _device_profile(node: NodeSettings):  # noqa: ANN202
 
 
 def _examples(node: NodeSettings, manifest: Manifest):  # noqa: ANN202
-    """(train, held-out) examples of the node's data file, split with the node's seed."""
+    """(train, held-out) examples of the node: its eval-data file, or a share of its data split with its seed."""
     from edge_runtime.data import DataSpec, load_examples, parse_label_map
 
     spec = DataSpec(node.text_columns, node.label_column, parse_label_map(node.label_map), skip_bad_rows=node.skip_bad_rows)
     examples = load_examples(node.data, spec, manifest.labels)
+    if node.eval_data is not None:
+        return examples, load_examples(node.eval_data, spec, manifest.labels)
     if node.eval_fraction > 0:
         return examples.split(node.eval_fraction, node.seed)
     return examples, None
+
+
+def _encoded(node: NodeSettings, manifest: Manifest, bundle_dir: Path, max_len: int):  # noqa: ANN202
+    """(train, held-out) examples tokenised, kept per process while the files are unchanged."""
+    from edge_runtime.data import TextEncoder, encode_examples
+
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in (node.data, node.eval_data) if p is not None)
+    key = ("data", node, stamp, str(bundle_dir), max_len)
+    if key not in _CACHE:
+        train_ex, held = _examples(node, manifest)
+        encoder = TextEncoder(bundle_dir / Path(manifest.tokenizer_files[0].path).parent, max_len)
+        _CACHE[key] = (encode_examples(train_ex, encoder), None if held is None else encode_examples(held, encoder))
+    return _CACHE[key]
+
+
+def _memory() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, MB (in a simulation the peak covers the process's
+    life, which may include other tiers: see docs/simulation.md)."""
+    import resource
+
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**20
+    return {"rss_mb": rss, "peak_rss_mb": max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 # -- the Flower app ----------------------------------------------------------------------------------------------
@@ -216,7 +277,7 @@ def _build_app():  # noqa: ANN202
     def hello(msg: Message, context: Context) -> Message:
         from edge_runtime.backends import resolve_backend
 
-        node = NodeSettings.from_node_config(dict(context.node_config))
+        node = NodeSettings.from_context(dict(context.node_config), dict(context.run_config))
         manifest, mid = manifest_from_hello(msg.content)
         bundle_dir = bundle_dir_for(node, manifest, mid)
         if node.bundle is not None:
@@ -234,13 +295,13 @@ def _build_app():  # noqa: ANN202
         reply = {
             "tier": tier, "batch_size": batch, "backend": backend, "tier_reason": reason, "backend_reason": why,
             "train_examples": len(train_ex), "eval_examples": 0 if held is None else len(held),
-            "missing": [e.path for e in lacking], "missing_bytes": sum(e.size for e in lacking),
+            "missing": [e.path for e in lacking], "missing_bytes": sum(e.size for e in lacking), "name": node.name,
         }  # fmt: skip
         return Message(hello_reply_to_record(reply), reply_to=msg)
 
     @app.query("artifacts")
     def artifacts(msg: Message, context: Context) -> Message:
-        node = NodeSettings.from_node_config(dict(context.node_config))
+        node = NodeSettings.from_context(dict(context.node_config), dict(context.run_config))
         meta, chunks = artifacts_from_record(msg.content)
         folder = bundle_dir_for(node, None, str(meta["manifest_id"]))
         done = write_chunks(folder, str(meta["manifest_id"]), meta["chunks"], chunks)
@@ -248,49 +309,56 @@ def _build_app():  # noqa: ANN202
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return Message(_run(msg.content, dict(context.node_config), training=True), reply_to=msg)
+        return Message(_run(msg.content, NodeSettings.from_context(dict(context.node_config), dict(context.run_config)), training=True), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return Message(_run(msg.content, dict(context.node_config), training=False), reply_to=msg)
+        return Message(_run(msg.content, NodeSettings.from_context(dict(context.node_config), dict(context.run_config)), training=False), reply_to=msg)
 
     return app
 
 
-def _run(content: Any, node_config: dict[str, Any], training: bool) -> Any:
+def _run(content: Any, node: NodeSettings, training: bool) -> Any:
     """One train or evaluate message: open the tier, load the instruction's values, train and/or evaluate."""
+    import time
+
     from edge_runtime.backends import resolve_backend
-    from edge_runtime.data import TextEncoder, encode_examples
     from edge_runtime.session import TierSession, TrainConfig
     from edge_runtime.update import manifest_id
 
-    node = NodeSettings.from_node_config(node_config)
+    started = time.perf_counter()
     ins = instruction_from_record(content)
     bundle_dir = bundle_dir_for(node, None, ins.manifest_id)
     manifest = load_manifest(bundle_dir)
     if manifest_id(manifest) != ins.manifest_id:
         raise MessageError(f"instruction is for bundle {ins.manifest_id}; {bundle_dir} holds {manifest_id(manifest)}")
     backend, _ = resolve_backend(node.backend)
-    session = TierSession(bundle_dir, manifest, ins.tier, backend, node.threads, with_pool=False)
+    # Training needs a fresh session: ONNX Runtime keeps AdamW's moments in the session and cannot reset them. An
+    # evaluation changes nothing, so a long-lived process reuses one session per tier for it.
+    key = ("eval-session", str(bundle_dir), ins.manifest_id, ins.tier, backend, node.threads)
+    session = None if training else _CACHE.get(key)
+    if session is None:
+        session = TierSession(bundle_dir, manifest, ins.tier, backend, node.threads, with_pool=False)
+        if not training:
+            _CACHE[key] = session
     session.load_global(ins.values, ins.assignment, ins.routing_target)
-    train_ex, held = _examples(node, manifest)
     s = ins.train
     max_len = int(s.get("max_seq_len") or manifest.max_seq_len)
-    encoder = TextEncoder(bundle_dir / Path(manifest.tokenizer_files[0].path).parent, max_len)
+    train_data, held = _encoded(node, manifest, bundle_dir, max_len)
     received = sum(int(v.nbytes) for v in ins.values.values())
     batch = max(1, min(int(s.get("batch_size", 16)), node.batch_size))
     if not training:
         if held is None:
             return metrics_to_record(ins.round, {"examples": 0.0, "received_bytes": float(received)})
-        metrics = session.evaluate(encode_examples(held, encoder), batch)
-        return metrics_to_record(ins.round, {**metrics, "received_bytes": float(received)})
+        metrics = session.evaluate(held, batch)
+        return metrics_to_record(ins.round, {**metrics, "received_bytes": float(received), "seconds": time.perf_counter() - started})
     config = TrainConfig(
         epochs=int(s.get("epochs", 1)), max_steps=int(s["max_steps"]) if s.get("max_steps") else None, batch_size=batch,
         learning_rate=float(s.get("learning_rate", 1e-3)), seed=int(s.get("seed", 0)) + ins.round, max_seq_len=max_len,
     )  # fmt: skip
-    result = session.train(encode_examples(train_ex, encoder), config)
+    result = session.train(train_data, config)
     metrics = {"train_loss": result.mean_loss, "train_seconds": result.seconds, "steps": float(result.steps),
-               "received_bytes": float(received)}  # fmt: skip
+               "received_bytes": float(received), "seconds": time.perf_counter() - started, **_memory()}  # fmt: skip
     update = session.update(result.examples, result.stats, metrics)
     return update_to_record(update, ins.round)
 

@@ -103,3 +103,13 @@ def write_tiny_csv(path: Path, rows: int, seed: int) -> Path:
             label = rng.choice(TINY_LABELS)
             w.writerow([f"{words[label]} {rng.choice('abcxyz')}", label])
     return path
+
+
+def tier_bytes(manifest, tier: int) -> tuple[int, int]:  # noqa: ANN001
+    """(bytes a node of this tier is sent, bytes of its update): its experts, router rows (none for one slot: it
+    routes everything to it) and head; plus statistics."""
+    d, r, L, labels = manifest.hidden_size, manifest.expert_dim, manifest.num_layers, len(manifest.labels)
+    expert = d * r + r + r * d + d
+    router = tier * d + tier if tier > 1 else 0
+    sent = 4 * (L * tier * expert + L * router + labels * d + labels)
+    return sent, sent + 4 * 2 * L * tier

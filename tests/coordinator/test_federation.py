@@ -23,18 +23,10 @@ from coordinator.deploy import free_port, stop
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
 from edge_runtime.update import manifest_id
-from tests.conftest import write_tiny_csv
+from tests.conftest import tier_bytes, write_tiny_csv
 
 BIN = Path(sys.executable).parent
 TIERS = (2, 4, 8)
-
-
-def tier_bytes(manifest, tier: int) -> tuple[int, int]:  # noqa: ANN001
-    """(bytes a node of this tier is sent, bytes of its update): its experts, router rows and head; plus statistics."""
-    d, r, L, labels = manifest.hidden_size, manifest.expert_dim, manifest.num_layers, len(manifest.labels)
-    expert = d * r + r + r * d + d
-    sent = 4 * (L * tier * expert + L * (tier * d + tier) + labels * d + labels)
-    return sent, sent + 4 * 2 * L * tier
 
 
 def changed_experts(before: dict, after: dict, manifest) -> set[tuple[int, int]]:  # noqa: ANN001

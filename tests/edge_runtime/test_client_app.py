@@ -40,16 +40,40 @@ def test_train_and_evaluate_messages_on_the_tiny_bundle(tiny_bundle: Path, tmp_p
                         eval_fraction=0.25, backend="ort", threads=1)  # fmt: skip
     from flwr.common.config import parse_config_args
 
-    cfg = parse_config_args([node.to_node_config()])
-    update, round_ = update_from_record(_run(instruction_to_record(ins), cfg, training=True))
+    node = NodeSettings.from_node_config(parse_config_args([node.to_node_config()]))
+    update, round_ = update_from_record(_run(instruction_to_record(ins), node, training=True))
     update.validate(manifest, ins.assignment)
     assert round_ == 1 and update.num_examples == 8 and update.metrics["steps"] == 2  # 2 steps of 4 of the 15 training rows
     changed = [k for k in ins.values if not np.array_equal(update.tensors[k], ins.values[k])]
     assert set(changed) == set(ins.values)  # every tensor it was sent, trained (the second layer of w2 starts at 0)
     assert set(update.tensors) - set(ins.values) == {"stats.route_counts", "stats.route_prob_sum"}
     assert update.route_counts.sum() > 0
-    metrics, r = metrics_from_record(_run(instruction_to_record(ins), cfg, training=False))
+    assert update.metrics["peak_rss_mb"] >= update.metrics["rss_mb"] > 0 and update.metrics["seconds"] >= update.metrics["train_seconds"]
+    metrics, r = metrics_from_record(_run(instruction_to_record(ins), node, training=False))
     assert r == 1 and metrics["examples"] == 5 and 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+    # a long-lived process (a simulation's) trains each message from a fresh optimizer: the same message twice gives
+    # the same update, although the process has trained before
+    again, _ = update_from_record(_run(instruction_to_record(ins), node, training=True))
+    for k in ins.values:
+        np.testing.assert_array_equal(again.tensors[k], update.tensors[k])
+    metrics2, _ = metrics_from_record(_run(instruction_to_record(ins), node, training=False))  # the reused eval session
+    assert metrics2["accuracy"] == metrics["accuracy"] and metrics2["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+
+
+def test_a_virtual_node_reads_its_settings_from_the_simulation_plan(tmp_path: Path) -> None:
+    import json
+
+    nodes = [NodeSettings(data=tmp_path / f"c{i}.csv", cache_dir=tmp_path, tier=2 * (i + 1), eval_data=tmp_path / f"t{i}.csv",
+                          name=f"client-{i}") for i in range(2)]  # fmt: skip
+    from flwr.common.config import parse_config_args
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"nodes": [{"node_config": parse_config_args([n.to_node_config()])} for n in nodes]}))
+    assert NodeSettings.from_context({"partition-id": 1, "num-partitions": 2}, {"sim-plan": str(plan)}) == nodes[1]
+    with pytest.raises(ValueError, match="no partition 5"):
+        NodeSettings.from_context({"partition-id": 5, "num-partitions": 6}, {"sim-plan": str(plan)})
+    # a real SuperNode's node config is used as it is
+    assert NodeSettings.from_context(parse_config_args([nodes[0].to_node_config()]), {}) == nodes[0]
 
 
 def test_a_damaged_download_is_discarded_and_named(tiny_bundle: Path, tmp_path: Path) -> None:
