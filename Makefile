@@ -19,9 +19,17 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-## The main job: export all-MiniLM-L6-v2 with MoE adapters as tiers 2,4,8 for AG News' four labels.
+## The main job: a whole federation on this machine. Exports all-MiniLM-L6-v2 with MoE adapters (tiers 2,4,8, AG
+## News' four labels) into runs/minilm-bundle once, then simulates 20 devices of three tiers on AG News, Dirichlet
+## alpha 0.5, into runs/demo (running it again continues the run). Data: AG_NEWS=path/to/ag_news.csv (the columns of
+## ../shared/data/ag_news/, used when present), else `ag_news` from the Hugging Face hub (needs network).
+AG_NEWS ?= $(firstword $(wildcard ../shared/data/ag_news/ag_news_6000.csv) ag_news)
+AG_LABELS := 1=World,2=Sports,3=Business,4=Sci/Tech
+AG_NEWS_COLUMNS = $(if $(filter %.csv,$(AG_NEWS)),--text-column title --text-column description --label-map $(AG_LABELS))
+DEMO_ARGS ?= --clients 20 --fleet three-tiers --alpha 0.5 --rounds 5 --fraction 0.5 --local-steps 8 --max-seq-len 64
 demo: venv
-	$(VENV)/bin/fftmoe-export --tiers 2,4,8 --labels World,Sports,Business,Sci/Tech --out runs/minilm-bundle --force
+	@test -f runs/minilm-bundle/manifest.json || $(VENV)/bin/fftmoe-export --tiers 2,4,8 --labels World,Sports,Business,Sci/Tech --out runs/minilm-bundle --force
+	$(VENV)/bin/fftmoe-coordinator simulate --bundle runs/minilm-bundle --data $(AG_NEWS) $(AG_NEWS_COLUMNS) --out runs/demo $(DEMO_ARGS)
 
 ## Exporter benchmark on MiniLM: export time, artifact sizes, ORT vs PyTorch step time, peak RSS, per tier.
 bench: venv

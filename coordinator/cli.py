@@ -274,10 +274,19 @@ def simulate(
                 if m and "merged" in line:
                     progress.update(task, completed=int(m.group(1)), description=line.split("INFO :", 1)[-1].strip()[:90])
 
-            try:
-                outcome = deploy.run_federation(rs, out, on_line, simulation_nodes=len(plan["nodes"]), simulation_cpus=parallel)
-            except deploy.DeployError as exc:
-                _fail(f"{exc} (see {out / 'superlink.log'})", EXIT_FAILED, json_out, "deploy")
+            for attempt in (1, 2):
+                log_start = (out / "run.log").stat().st_size if (out / "run.log").is_file() else 0
+                try:
+                    outcome = deploy.run_federation(rs, out, on_line, simulation_nodes=len(plan["nodes"]), simulation_cpus=parallel)
+                except deploy.DeployError as exc:
+                    _fail(f"{exc} (see {out / 'superlink.log'})", EXIT_FAILED, json_out, "deploy")
+                why = _last_error(out / "run.log", log_start)
+                # Ray gives its processes a fixed 30 s to start; on a loaded machine that can pass. The run is
+                # resumable, so one more attempt continues it from the last completed round.
+                if outcome.status.get("ok") or outcome.interrupted or "timed out during startup" not in why or attempt == 2:
+                    break
+                err.print(f"Ray did not start in time ({why}); trying once more", highlight=False)
+                rs = run_settings(settings, plan, (out / "state" / LATEST).exists())
         ok, interrupted = bool(outcome.status.get("ok")), outcome.interrupted
     else:
         ok, interrupted, outcome = True, False, None
@@ -289,11 +298,13 @@ def simulate(
     if interrupted:
         summary.update(error="interrupted", message=f"stopped; run the same command again to continue ({out})")
     elif not ok and outcome is not None:
-        summary.update(error=outcome.status.get("error", "failed"), message=outcome.status.get("message", f"see {out / 'run.log'}"))
+        summary.update(error=outcome.status.get("error", "failed"),
+                       message=outcome.status.get("message") or f"{_last_error(out / 'run.log', 0) or 'no error recorded'} (see {out / 'run.log'})")
     if json_out:
         print(json.dumps(summary))
     else:
-        _print_summaries([summary])
+        if "method" in summary:
+            _print_summaries([summary])
         if summary["ok"]:
             Console().print(f"metrics, summary and plots in {out}", highlight=False)
         else:
@@ -304,8 +315,23 @@ def simulate(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _last_error(log: Path, start: int) -> str:
+    """The root cause of a crash in the run's log after byte ``start``: the first exception line (Python prints the
+    root of a chain of exceptions first); empty when there is none."""
+    import re
+
+    try:
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            fh.seek(start)
+            lines = fh.read().splitlines()
+    except OSError:
+        return ""
+    hits = [ln.strip() for ln in lines if re.match(r"^[\w.]*(Error|Exception|Failure): ", ln)]
+    return hits[0][:300] if hits else ""
+
+
 SUMMARY_COLUMNS = [
-    ("run", "run", lambda v: str(v)), ("method", "method", str), ("partition", "data", lambda v: str(v)),
+    ("run", "run", lambda v: Path(str(v)).name), ("method", "method", str), ("partition", "data", lambda v: str(v)),
     ("alpha", "alpha", lambda v: "-" if v is None else f"{v:g}"), ("rounds", "rounds", str),
     ("final_global_accuracy", "global acc", lambda v: "-" if v is None else f"{v:.3f}"),
     ("final_personal_accuracy", "personal acc", lambda v: "-" if v is None else f"{v:.3f}"),

@@ -245,19 +245,38 @@ def supernode_command(superlink: str, node_config: str, port: int, root_cert: Pa
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+    """SIGTERM the process group and every descendant, then SIGKILL what is left after ``timeout``.
+
+    Descendants are collected first: Flower's SuperExec starts its own session, and the simulation process it starts
+    (with Ray's workers) would outlive a SuperLink killed by process group alone."""
     if proc is None or proc.poll() is not None:
         return
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            pass
+        alive = []
+        for child in family:
+            try:
+                if child.is_running():
+                    child.send_signal(sig)
+                    alive.append(child)
+            except psutil.Error:
+                continue
         try:
             proc.wait(wait)
-            return
         except subprocess.TimeoutExpired:
             continue
+        _, alive = psutil.wait_procs(alive, timeout=wait)
+        if not alive:
+            return
 
 
 def free_port() -> int:

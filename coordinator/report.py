@@ -77,6 +77,9 @@ def metrics_rows(history: list[dict[str, Any]], tiers: dict[str, int] | None = N
             "tier_seconds": {t: float(np.mean([m.get("seconds", np.nan) for m in ms])) for t, ms in sorted(by_tier.items())},
             "tier_peak_rss_mb": {t: float(max(m.get("peak_rss_mb", 0.0) for m in ms)) for t, ms in sorted(by_tier.items())},
             "expert_usage_entropy": usage_entropy(tokens), "rejected": len(h.get("rejected", {})), "seconds": h.get("seconds"),
+            "phase_seconds": h.get("phase_seconds", {}),
+            "client_seconds_sum": float(sum(m.get("seconds", 0.0) for m in h.get("client_metrics", {}).values())),
+            "client_train_seconds_sum": float(sum(m.get("train_seconds", 0.0) for m in h.get("client_metrics", {}).values())),
         })  # fmt: skip
         if "federated" in h:
             row["personal_accuracy"], row["personal_loss"] = h["federated"]["accuracy"], h["federated"]["loss"]
@@ -112,6 +115,10 @@ def summarize(rows: list[dict[str, Any]], plan: dict[str, Any] | None, manifest:
         "download_mb_per_client_round": float(np.mean([r["download_mb_per_client"] for r in trained])) if trained else None,
         "total_upload_mb": trained[-1]["cumulative_upload_mb"] if trained else 0.0, "peak_rss_mb_by_tier": peak,
         "wall_seconds": float(sum(r.get("seconds") or 0.0 for r in trained)),
+        "phase_seconds": {k: round(sum(r.get("phase_seconds", {}).get(k, 0.0) for r in trained), 1)
+                          for k in sorted({k for r in trained for k in r.get("phase_seconds", {})})},
+        "client_seconds_sum": float(sum(r["client_seconds_sum"] for r in trained)),
+        "client_train_seconds_sum": float(sum(r["client_train_seconds_sum"] for r in trained)),
         "final_expert_usage_entropy": trained[-1]["expert_usage_entropy"] if trained else None,
     }  # fmt: skip
 

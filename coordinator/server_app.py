@@ -405,14 +405,19 @@ class FFTMoEStrategy:
             started = time.monotonic()
             nodes = self.wait_for_nodes(grid)
             sampled = sample_nodes(nodes, s.fraction, s.min_clients, s.seed * 100003 + r * 101 + failures)
+            phases = {"wait": time.monotonic() - started}
+            mark = time.monotonic()
             tiers = self.learn_devices(grid, sampled)
+            phases["hello"], mark = time.monotonic() - mark, time.monotonic()
             if len(tiers) < s.min_clients:
                 failures = self._failed(r, failures, f"only {len(tiers)} of the sampled node(s) {sampled} can train")
                 continue
             log.info("round %d/%d: training on %d node(s), tiers %s", r, s.rounds, len(tiers), dict(sorted(tiers.items())))
             sent, messages = self.configure_train(state, tiers)
             replies = self.exchange(grid, messages, s.round_timeout, f"round {r} train")
+            phases["train"], mark = time.monotonic() - mark, time.monotonic()
             new, screened = self.aggregate_train(state, sent, replies)
+            phases["merge"], mark = time.monotonic() - mark, time.monotonic()
             for node, reason in screened.rejected.items():
                 if "no reply" in reason or "error reply" in reason:
                     self.devices.pop(node, None)  # ask again (tier, files) if it comes back
@@ -426,10 +431,13 @@ class FFTMoEStrategy:
                                                                s.round_timeout, f"round {r} evaluate"))  # fmt: skip
                 if fed is not None:
                     entry["federated"] = fed
+                phases["evaluate"], mark = time.monotonic() - mark, time.monotonic()
                 central = self.evaluate_central(new)
                 if central is not None:
                     entry["central"] = central
+                phases["central"], mark = time.monotonic() - mark, time.monotonic()
             entry["seconds"] = round(time.monotonic() - started, 2)
+            entry["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
             new.save(self.state_dir)
             state = new
             self.write_progress(state)

@@ -203,7 +203,7 @@ def prepare(settings: SimSettings) -> dict[str, Any]:
         else:
             parts = iid_partition(len(pool), settings.clients, settings.seed)
     except PartitionError as exc:
-        raise SimulationError(str(exc)) from exc
+        raise SimulationError(f"{exc} (options: --alpha, --min-partition-size, --clients; or another --seed)") from exc
     parts = [pool[p] for p in parts]
     members = fleet.assign(settings.clients, settings.seed)
     batch = int(settings.run.get("batch_size", 16))
