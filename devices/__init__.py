@@ -70,15 +70,22 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
 
 
-def load_profile(name_or_path: str) -> DeviceProfile:
-    """A shipped profile by name (``rpi-4-4gb``) or a profile file by path."""
+def read_named_json(name_or_path: str, folder: Path, what: str, plural: str, error: type[Exception]) -> tuple[Any, Path]:
+    """(parsed JSON, its path) of a shipped file by name (``folder/NAME.json``) or of a ``.json`` file by path;
+    ``error`` names what is missing (listing the shipped ones) or which file is not valid JSON."""
     path = Path(name_or_path)
     if not path.suffix == ".json" or not path.is_file():
-        path = PROFILES_DIR / f"{name_or_path}.json"
+        path = folder / f"{name_or_path}.json"
     if not path.is_file():
-        raise ProfileError(f"no device profile {name_or_path!r}; shipped profiles: {', '.join(list_profiles())}, or give a .json file")
+        shipped = ", ".join(sorted(p.stem for p in folder.glob("*.json")))
+        raise error(f"no {what} {name_or_path!r}; shipped {plural}: {shipped}, or give a .json file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), path
     except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: not valid JSON ({exc})") from exc
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A shipped profile by name (``rpi-4-4gb``) or a profile file by path."""
+    data, path = read_named_json(name_or_path, PROFILES_DIR, "device profile", "profiles", ProfileError)
     return DeviceProfile.from_dict(data, str(path))

@@ -8,7 +8,6 @@ heterogeneity comes from the same rule real devices follow. The format is docume
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from devices import DeviceProfile, ProfileError, load_profile
+from devices import DeviceProfile, ProfileError, load_profile, read_named_json
 
 FLEETS_DIR = Path(__file__).resolve().parent / "fleets"
 FLEET_FORMAT = "fftmoe-fleet"
@@ -97,13 +96,5 @@ def list_fleets() -> list[str]:
 
 def load_fleet(name_or_path: str) -> Fleet:
     """A shipped fleet by name (``mixed-edge``) or a fleet file by path."""
-    path = Path(name_or_path)
-    if path.suffix != ".json" or not path.is_file():
-        path = FLEETS_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise FleetError(f"no fleet {name_or_path!r}; shipped fleets: {', '.join(list_fleets())}, or give a .json file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FleetError(f"{path}: not valid JSON ({exc})") from exc
+    data, path = read_named_json(name_or_path, FLEETS_DIR, "fleet", "fleets", FleetError)
     return Fleet.from_dict(data, str(path))
