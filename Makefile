@@ -6,7 +6,7 @@ export FFTMOE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo bench bench-edge
+.PHONY: venv test test-fast demo bench bench-edge bundles bench-agnews
 
 venv:
 	@bash scripts/setup-venv.sh
@@ -40,3 +40,24 @@ bench: venv
 AG_NEWS ?= ../shared/data/ag_news/ag_news_6000.csv
 bench-edge: venv
 	$(PY) benchmarks/edge_bench.py --bundle runs/minilm-bundle --data $(AG_NEWS)
+
+## The AG News benchmark of docs/benchmarks.md. `make bundles` exports MiniLM once per method (FFT-MoE, its ablation
+## without auxiliary losses, FedIT rank 33, HetLoRA ranks 14/29/58; tiers 2,4,8). `make bench-agnews` then runs every
+## method in METHODS at every alpha in ALPHAS (iid: IID) into runs/bench/<method>-<alpha> (a stopped run continues
+## when started again) and compares them. BENCH_ARGS holds what every run shares.
+LABELS4 := World,Sports,Business,Sci/Tech
+METHODS ?= fftmoe fedit hetlora fftmoe-noaux
+ALPHAS ?= 0.1 0.5 iid
+BENCH_ARGS ?= --clients 20 --fleet three-tiers --rounds 20 --fraction 0.5 --local-steps 8 --batch-size 16 --max-seq-len 64 --min-partition-size 5 --eval-every 5
+bundles: venv
+	@test -f runs/minilm-bundle/manifest.json || $(VENV)/bin/fftmoe-export --tiers 2,4,8 --labels $(LABELS4) --out runs/minilm-bundle --force
+	@test -f runs/fftmoe-noaux-bundle/manifest.json || $(VENV)/bin/fftmoe-export --tiers 2,4,8 --alpha 0 --beta 0 --labels $(LABELS4) --no-measure --out runs/fftmoe-noaux-bundle --force
+	@test -f runs/fedit-bundle/manifest.json || $(VENV)/bin/fftmoe-export --method fedit --ranks 33 --tiers 2,4,8 --labels $(LABELS4) --no-measure --out runs/fedit-bundle --force
+	@test -f runs/hetlora-bundle/manifest.json || $(VENV)/bin/fftmoe-export --method hetlora --ranks 14,29,58 --tiers 2,4,8 --labels $(LABELS4) --no-measure --out runs/hetlora-bundle --force
+bench-agnews: bundles
+	@for m in $(METHODS); do for a in $(ALPHAS); do \
+	  b=runs/$$m-bundle; [ $$m = fftmoe ] && b=runs/minilm-bundle; \
+	  p="--alpha $$a"; [ $$a = iid ] && p="--partition iid"; \
+	  $(VENV)/bin/fftmoe-coordinator simulate --bundle $$b --data $(AG_NEWS) $(AG_NEWS_COLUMNS) --out runs/bench/$$m-$$a $$p $(BENCH_ARGS) || exit $$?; \
+	done; done
+	$(VENV)/bin/fftmoe-coordinator compare runs/bench/*/ --plot runs/bench/compare.png

@@ -21,7 +21,8 @@ from edge_runtime.data import EncodedData
 
 
 def build_global_model(bundle_dir: Path, manifest: Manifest, pool: dict[str, np.ndarray]) -> Any:
-    """An ``FFTMoEModel`` with M slots holding the pool's experts (slot e = expert e), routers and head, in eval mode."""
+    """The global model holding the pool, in eval mode: an ``FFTMoEModel`` with M slots (slot e = expert e), the
+    routers and the head; for a LoRA baseline the adapter at the largest rank and the head."""
     try:
         import torch
     except ImportError as exc:
@@ -32,7 +33,7 @@ def build_global_model(bundle_dir: Path, manifest: Manifest, pool: dict[str, np.
     from edge_runtime.backends import model_from_bundle
 
     verify_files(bundle_dir, list(manifest.encoder_files))
-    model = model_from_bundle(bundle_dir, manifest, manifest.num_experts)
+    model = model_from_bundle(bundle_dir, manifest, None)
     with torch.no_grad():
         model.load_global(pool)
     return model.eval()

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_runtime.bundle import EXPERT_TENSORS, HEAD_TENSORS, ROUTER_TENSORS, global_expert_key, global_head_key, global_router_key
+from edge_runtime.bundle import (
+    EXPERT_TENSORS,
+    HEAD_TENSORS,
+    ROUTER_TENSORS,
+    global_expert_key,
+    global_head_key,
+    global_lora_key,
+    global_router_key,
+)
 from edge_runtime.update import Update, router_rows_key
 
 WEIGHTINGS = ("examples", "tokens")
@@ -66,12 +74,69 @@ def merge_updates(
                 for t in ROUTER_TENSORS:
                     merged = sum(w * u.tensors[router_rows_key(layer, t)][slot].astype(np.float64) for w, u, slot in rows) / row_total
                     router[t][e] = merged.astype(np.float32)
+    report.head_weight = _merge_head(new, updates)
+    return new, report
+
+
+def _merge_head(new: dict[str, np.ndarray], updates: list[Update]) -> float:
+    """Replace the head in ``new`` by the example-weighted mean over every update; return the total weight."""
     head_total = float(sum(u.num_examples for u in updates))
     for t in HEAD_TENSORS:
         key = global_head_key(t)
         new[key] = (sum(u.num_examples * u.tensors[key].astype(np.float64) for u in updates) / head_total).astype(np.float32)
-    report.head_weight = head_total
-    return new, report
+    return head_total
+
+
+LORA_RULES = ("fedavg", "hetlora")
+
+
+def pad_lora(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad a rank-r adapter (A [r, in], B [out, r]) to ``rank``: A gets zero rows, B zero columns (B A unchanged)."""
+    r = a.shape[0]
+    if b.shape[1] != r or r > rank:
+        raise ValueError(f"adapter of rank {r} (A {list(a.shape)}, B {list(b.shape)}) cannot be padded to rank {rank}")
+    a_pad = np.zeros((rank, a.shape[1]), np.float64)
+    b_pad = np.zeros((b.shape[0], rank), np.float64)
+    a_pad[:r], b_pad[:, :r] = a, b
+    return a_pad, b_pad
+
+
+def merge_lora(
+    pool: dict[str, np.ndarray], updates: list[Update], modules: list[str], rule: str
+) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
+    """A new pool for the LoRA baselines; ``pool`` holds the global adapter at the largest rank R.
+
+    - ``fedavg`` (FedIT): each module's A and B are the example-weighted means of the clients' A and B (FedIT's
+      rule; the clients' ranks are then all R).
+    - ``hetlora`` (HetLoRA): each client's A and B are zero-padded to R, then averaged with sparsity weights
+      p_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F, per module; a client of rank r only contributes to the first r
+      components (the others get its zeros, as in the paper). The tiers then take the first r_t components back
+      (``tier_values_from_pool``). When every norm is 0 (nobody moved B off zero) the example weights are used.
+
+    The head is the example-weighted mean in both. Updates must be validated first. Returns (pool, module ->
+    the clients' weights, normalised, in the order of ``updates``).
+    """
+    if rule not in LORA_RULES:
+        raise ValueError(f"the LoRA merge rule must be one of {', '.join(LORA_RULES)}, got {rule!r}")
+    new = {k: v.copy() for k, v in pool.items()}
+    weights_used: dict[str, list[float]] = {}
+    if not updates:
+        return new, weights_used
+    examples = np.array([float(u.num_examples) for u in updates])
+    for module in modules:
+        ka, kb = global_lora_key(module, "A"), global_lora_key(module, "B")
+        rank = pool[ka].shape[0]
+        padded = [pad_lora(u.tensors[ka], u.tensors[kb], rank) for u in updates]
+        w = examples
+        if rule == "hetlora":
+            norms = np.array([np.linalg.norm(u.tensors[kb].astype(np.float64) @ u.tensors[ka].astype(np.float64)) for u in updates])
+            w = norms if norms.sum() > 0 else examples
+        w = w / w.sum()
+        weights_used[module] = [float(x) for x in w]
+        new[ka] = sum(wk * a for wk, (a, _) in zip(w, padded)).astype(np.float32)
+        new[kb] = sum(wk * b for wk, (_, b) in zip(w, padded)).astype(np.float32)
+    _merge_head(new, updates)
+    return new, weights_used
 
 
 def fleet_usage(updates: list[Update], num_layers: int, num_experts: int) -> np.ndarray | None:

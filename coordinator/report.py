@@ -36,7 +36,9 @@ def _client(name: str, node: str) -> str:
 
 
 def method_name(manifest: Any) -> str:
-    """The method a bundle trains: fftmoe, or fftmoe-noaux when both auxiliary losses are off."""
+    """The method a bundle trains: fftmoe, fftmoe-noaux when both auxiliary losses are off, fedit or hetlora."""
+    if getattr(manifest, "is_lora", False):
+        return str(manifest.method)
     return "fftmoe" if (manifest.aux_alpha or manifest.aux_beta) else "fftmoe-noaux"
 
 
@@ -168,7 +170,7 @@ def plot_run(out: Path, rows: list[dict[str, Any]], history: list[dict[str, Any]
         for n, t in h.get("expert_tokens", {}).items():
             c = _client(h.get("names", {}).get(n, ""), n)
             usage[c] = usage.get(c, 0) + np.asarray(t, np.float64)
-    if usage:
+    if usage and len(next(iter(usage.values()))) > 1:  # a LoRA baseline has one adapter: nothing to show
         clients = sorted(usage)
         mat = np.stack([usage[c] for c in clients], axis=1)  # [M, clients]
         mat = mat / np.maximum(mat.sum(axis=0, keepdims=True), 1e-12)

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.merge import fleet_usage, merge_updates, update_usage
+from coordinator.merge import MergeReport, fleet_usage, merge_lora, merge_updates, update_usage
 from coordinator.plan import assign_experts, preferences_from_stats, routing_target
 from coordinator.state import GlobalState
 from edge_runtime.bundle import Manifest
 from edge_runtime.records import TrainInstruction
-from edge_runtime.update import Update, UpdateError, tier_values_from_pool, tier_values_to_global
+from edge_runtime.update import Update, UpdateError, default_assignment, tier_values_from_pool, tier_values_to_global
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,10 @@ class Screened:
 
 def plan_round(state: GlobalState, manifest: Manifest, tiers: dict[int, int], train: dict[str, Any]) -> dict[int, TrainInstruction]:
     """Node id -> the instruction for round ``state.round + 1``: its experts, their current values, its target q."""
-    assignment = assign_experts(tiers, manifest.num_experts, manifest.num_layers, state.preferences, state.usage)
+    if manifest.is_lora:  # one global adapter, which every node holds (truncated to its tier's rank)
+        assignment = {node: default_assignment(manifest, slots) for node, slots in tiers.items()}
+    else:
+        assignment = assign_experts(tiers, manifest.num_experts, manifest.num_layers, state.preferences, state.usage)
     out = {}
     for node, slots in tiers.items():
         values = tier_values_from_pool(manifest, slots, state.pool, assignment[node])
@@ -38,6 +41,16 @@ def plan_round(state: GlobalState, manifest: Manifest, tiers: dict[int, int], tr
         out[node] = TrainInstruction(state.manifest_id, state.round + 1, slots, assignment[node],
                                      routing_target(assignment[node], state.usage), values_by_global, dict(train))  # fmt: skip
     return out
+
+
+def lora_modules(manifest: Manifest) -> list[str]:
+    """The encoder modules that carry a LoRA adapter (the same in every tier)."""
+    return sorted({p.module for tier in manifest.tiers.values() for p in tier.lora_params})
+
+
+def lora_rule(manifest: Manifest) -> str:
+    """How a LoRA bundle's updates merge: FedIT by FedAvg, HetLoRA by its sparsity-weighted, zero-padded mean."""
+    return "hetlora" if manifest.method == "hetlora" else "fedavg"
 
 
 def screen_replies(
@@ -75,7 +88,13 @@ def apply_round(state: GlobalState, manifest: Manifest, screened: Screened, weig
                 record: dict[str, Any] | None = None) -> GlobalState:  # fmt: skip
     """The next global state: merged pool, updated usage and preferences, round + 1, and a history record."""
     updates = [screened.accepted[n] for n in sorted(screened.accepted)]
-    pool, report = merge_updates(state.pool, updates, manifest.num_layers, manifest.num_experts, weighting)
+    if manifest.is_lora:
+        pool, lora_weights = merge_lora(state.pool, updates, lora_modules(manifest), lora_rule(manifest))
+        record = {**(record or {}), "lora_weights": {str(n): float(np.mean([w[i] for w in lora_weights.values()]))
+                                                     for i, n in enumerate(sorted(screened.accepted))}}  # fmt: skip
+        report = MergeReport()
+    else:
+        pool, report = merge_updates(state.pool, updates, manifest.num_layers, manifest.num_experts, weighting)
     usage = update_usage(state.usage, fleet_usage(updates, manifest.num_layers, manifest.num_experts))
     preferences = dict(state.preferences)
     for node, u in screened.accepted.items():

@@ -92,7 +92,7 @@ class RunSettings:
     """Token limit per row on the devices; 0: the bundle's maximum (--max-seq-len)."""
     weighting: str = "examples"
     eval_every: int = 1
-    """Federated evaluation on the nodes' held-out data every this many rounds; 0: never (--eval-every)."""
+    """Federated and centralised evaluation every this many rounds, and after the last; 0: never (--eval-every)."""
     eval_data: str = ""
     """A data file on the coordinator for centralised evaluation of the global model; empty: none (--eval-data)."""
     eval_text_columns: str = "text"
@@ -170,7 +170,7 @@ def artifact_batches(bundle_dir: Path, paths: list[str], limit: int) -> list[lis
     return [b for b in batches if b]
 
 
-CLIENT_METRICS = ("train_loss", "train_seconds", "seconds", "steps", "rss_mb", "peak_rss_mb")
+CLIENT_METRICS = ("train_loss", "train_seconds", "seconds", "steps", "rss_mb", "peak_rss_mb", "start_rss_mb", "peak_scope")
 """What the history keeps of each device's own report, per round (wall time and memory by tier)."""
 
 
@@ -426,7 +426,7 @@ class FFTMoEStrategy:
                 continue
             failures = 0
             entry = new.history[-1]
-            if s.eval_every and r % s.eval_every == 0:
+            if s.eval_every and (r % s.eval_every == 0 or r == s.rounds):  # and always after the last round
                 fed = self.aggregate_evaluate(r, self.exchange(grid, self.configure_evaluate(new, {n: tiers[n] for n in screened.accepted}),
                                                                s.round_timeout, f"round {r} evaluate"))  # fmt: skip
                 if fed is not None:

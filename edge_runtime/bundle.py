@@ -8,7 +8,8 @@ A bundle folder holds::
 
     manifest.json                      this module's Manifest, versioned and validated on read
     tokenizer/...                      the encoder's tokenizer files (text models)
-    global_pool.safetensors            the initial global experts, router and head (names: global_*_key)
+    global_pool.safetensors            the initial global experts, router and head (names: global_*_key), or for a
+                                       LoRA baseline the global adapter at the largest rank and the head
     tiers/t{N}/training_model.onnx     ONNX Runtime training artifacts of tier N
     tiers/t{N}/eval_model.onnx
     tiers/t{N}/optimizer_model.onnx
@@ -33,6 +34,12 @@ EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
 """Tensors of one expert: ``w1`` [d, r], ``b1`` [r], ``w2`` [r, d], ``b2`` [d]; E(h) = gelu(h w1 + b1) w2 + b2."""
 ROUTER_TENSORS = ("weight", "bias")
 """Tensors of a router: ``weight`` [slots, d], ``bias`` [slots]; one row per expert (slot)."""
+LORA_MATRICES = ("A", "B")
+"""Matrices of a LoRA adapter on a linear module: ``A`` [rank, in], ``B`` [out, rank]; delta W = scale * B A."""
+METHODS = ("fftmoe", "fedit", "hetlora")
+"""What a bundle's tiers train: FFT-MoE experts; or PEFT LoRA, one rank for every tier (FedIT, merged by FedAvg) or a
+rank per tier (HetLoRA, zero-padded and merged with sparsity weights, truncated back to each tier's rank)."""
+LORA_METHODS = ("fedit", "hetlora")
 HEAD_TENSORS = ("weight", "bias")
 """Tensors of the classification head: ``weight`` [num_labels, d], ``bias`` [num_labels]."""
 TIER_FILE_NAMES = {
@@ -66,6 +73,11 @@ def global_expert_key(layer: int, expert: int, tensor: str) -> str:
 def global_router_key(layer: int, tensor: str) -> str:
     """Name of a global router tensor (all M rows) in ``global_pool.safetensors``."""
     return f"layers.{layer}.router.{tensor}"
+
+
+def global_lora_key(module: str, matrix: str) -> str:
+    """Name of a global LoRA matrix (``A`` [R, in] or ``B`` [out, R] at the largest rank R) of one encoder module."""
+    return f"lora.{module}.{matrix}"
 
 
 def global_head_key(tensor: str) -> str:
@@ -183,6 +195,28 @@ class NamedParam:
 
 
 @dataclass(frozen=True)
+class LoraParam:
+    """A trainable LoRA matrix of a tier: ONNX parameter name, encoder module, ``A`` or ``B``, shape at the tier's rank."""
+
+    name: str
+    module: str
+    matrix: str  # one of LORA_MATRICES
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """The LoRA adapter of a baseline bundle (PEFT's LoraConfig): where it sits and how it is scaled."""
+
+    target_modules: list[str]
+    """PEFT ``target_modules``: names of the encoder's linear modules that get an adapter."""
+    max_rank: int
+    """The largest rank of any tier: the rank of the global adapter the coordinator keeps."""
+    scale: float
+    """lora_alpha / rank, the same for every tier, so truncating the rank keeps the other components' meaning."""
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Step time and peak resident memory of a few ORT training steps, measured on the exporting machine."""
 
@@ -216,10 +250,15 @@ class Tier:
     trainable_params: int
     trainable_bytes: int
     measured: Measurement | None = None
+    rank: int | None = None
+    """LoRA baselines: the rank this tier trains (None for FFT-MoE)."""
+    lora_params: list[LoraParam] = field(default_factory=list)
+    """LoRA baselines: the tier's A and B matrices (empty for FFT-MoE)."""
 
     @property
     def trainable_names(self) -> list[str]:
-        return [p.name for p in self.slot_params] + [p.name for p in self.router_params] + [p.name for p in self.head_params]
+        return ([p.name for p in self.slot_params] + [p.name for p in self.router_params] + [p.name for p in self.lora_params]
+                + [p.name for p in self.head_params])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -258,6 +297,10 @@ class Manifest:
     """The frozen encoder as a Hugging Face folder (``encoder/``), for the PyTorch backend; ORT devices skip it."""
     created: str = ""
     fftmoe_version: str = ""
+    method: str = "fftmoe"
+    """One of METHODS. For the LoRA baselines num_experts and top_k are 1 (one global adapter that every token
+    uses) and expert_dim is the largest rank; bundles written before the baselines existed are ``fftmoe``."""
+    lora: LoraInfo | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -273,6 +316,14 @@ class Manifest:
     def input_names(self) -> tuple[str, ...]:
         """Inputs of the training and eval models, in order."""
         return (TEXT_INPUTS if self.model.modality == "text" else VISION_INPUTS) + COMMON_INPUTS
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in LORA_METHODS
+
+    def route_width(self, slots: int) -> int:
+        """Width of a tier's routing target and statistics: its slots for FFT-MoE, 1 for a LoRA adapter."""
+        return 1 if self.is_lora else slots
 
     def tier(self, slots: int) -> Tier:
         if slots not in self.tiers:
@@ -290,6 +341,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tiers"] = {str(k): asdict(v) for k, v in sorted(self.tiers.items())}
+        if not self.is_lora:  # FFT-MoE manifests are written (and hashed: manifest_id) as before the baselines existed
+            del d["method"], d["lora"]
+            for tier in d["tiers"].values():
+                del tier["rank"], tier["lora_params"]
         # Put the identification first so a person reading the file sees it at once.
         head = {"format": d.pop("format"), "format_version": d.pop("format_version")}
         return {**head, **d}
@@ -333,6 +388,19 @@ class Manifest:
             raise ManifestError("manifest field 'labels' must be a list of at least 2 distinct strings")
         num_experts = _positive(_get(d, "num_experts", int, ""), "num_experts")
         top_k = _positive(_get(d, "top_k", int, ""), "top_k")
+        method = _get(d, "method", str, "") if "method" in d else "fftmoe"
+        if method not in METHODS:
+            raise ManifestError(f"manifest field 'method' must be one of {', '.join(METHODS)}, got {method!r}")
+        lora = None
+        if method in LORA_METHODS:
+            raw = _get(d, "lora", dict, "")
+            targets = _get(raw, "target_modules", list, "lora")
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ManifestError("manifest field 'lora.target_modules' must be a non-empty list of module names")
+            scale = float(_get(raw, "scale", (int, float), "lora"))
+            if scale <= 0:
+                raise ManifestError(f"manifest field 'lora.scale' must be > 0, got {scale}")
+            lora = LoraInfo(list(targets), _positive(_get(raw, "max_rank", int, "lora"), "lora.max_rank"), scale)
         tiers_raw = _get(d, "tiers", dict, "")
         if not tiers_raw:
             raise ManifestError("manifest field 'tiers' must hold at least one tier")
@@ -340,7 +408,7 @@ class Manifest:
         for key, raw in tiers_raw.items():
             if not key.isdigit():
                 raise ManifestError(f"manifest field 'tiers' has key {key!r}; tier keys are expert counts such as '2'")
-            tiers[int(key)] = _tier_from_dict(raw, f"tiers.{key}", model.num_layers, num_experts)
+            tiers[int(key)] = _tier_from_dict(raw, f"tiers.{key}", model.num_layers, num_experts, lora)
             if tiers[int(key)].slots != int(key):
                 raise ManifestError(f"manifest field 'tiers.{key}.slots' is {tiers[int(key)].slots}, expected {key}")
         return cls(
@@ -368,12 +436,14 @@ class Manifest:
             ],
             created=str(d.get("created", "")),
             fftmoe_version=str(d.get("fftmoe_version", "")),
+            method=method,
+            lora=lora,
         )
 
 
-def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int) -> Tier:
+def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int, lora: LoraInfo | None = None) -> Tier:
     slots = _positive(_get(d, "slots", int, where), f"{where}.slots")
-    if slots > num_experts:
+    if lora is None and slots > num_experts:
         raise ManifestError(f"manifest field '{where}.slots' is {slots}, more than num_experts={num_experts}")
     files_raw = _get(d, "files", dict, where)
     files = {}
@@ -386,14 +456,31 @@ def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int) -> Ti
         if not (0 <= sp.layer < num_layers and 0 <= sp.slot < slots and sp.tensor in EXPERT_TENSORS):
             raise ManifestError(f"manifest field '{w}' points at layer {sp.layer}, slot {sp.slot}, tensor {sp.tensor!r}: out of range")
         slot_params.append(sp)
-    if len(slot_params) != num_layers * slots * len(EXPERT_TENSORS):
+    rank, lora_params = None, []
+    if lora is not None and slot_params:
+        raise ManifestError(f"manifest field '{where}.slot_params' must be empty in a LoRA bundle")
+    if lora is not None:
+        rank = _positive(_get(d, "rank", int, where), f"{where}.rank")
+        if rank > lora.max_rank:
+            raise ManifestError(f"manifest field '{where}.rank' is {rank}, more than lora.max_rank={lora.max_rank}")
+        for i, p in enumerate(_get(d, "lora_params", list, where)):
+            w = f"{where}.lora_params[{i}]"
+            shape = _get(p, "shape", list, w)
+            lp = LoraParam(_get(p, "name", str, w), _get(p, "module", str, w), _get(p, "matrix", str, w), tuple(shape))
+            rank_axis = 0 if lp.matrix == "A" else 1
+            if lp.matrix not in LORA_MATRICES or len(shape) != 2 or not all(isinstance(x, int) and x > 0 for x in shape) or shape[rank_axis] != rank:
+                raise ManifestError(f"manifest field '{w}': matrix {lp.matrix!r} of shape {shape} does not fit rank {rank}")
+            lora_params.append(lp)
+        if not lora_params:
+            raise ManifestError(f"manifest field '{where}.lora_params' is empty: a LoRA tier trains at least one matrix")
+    elif len(slot_params) != num_layers * slots * len(EXPERT_TENSORS):
         raise ManifestError(
             f"manifest field '{where}.slot_params' has {len(slot_params)} entries, "
             f"expected {num_layers} layers x {slots} slots x {len(EXPERT_TENSORS)} tensors"
         )
     router_params = [_named_from_dict(p, f"{where}.router_params[{i}]") for i, p in enumerate(_get(d, "router_params", list, where))]
     head_params = [_named_from_dict(p, f"{where}.head_params[{i}]") for i, p in enumerate(_get(d, "head_params", list, where))]
-    names = [p.name for p in slot_params] + [p.name for p in router_params] + [p.name for p in head_params]
+    names = [p.name for p in slot_params] + [p.name for p in router_params] + [p.name for p in lora_params] + [p.name for p in head_params]
     if len(set(names)) != len(names):
         raise ManifestError(f"manifest field '{where}' names a trainable parameter twice")
     measured_raw = d.get("measured")
@@ -423,6 +510,8 @@ def _tier_from_dict(d: Any, where: str, num_layers: int, num_experts: int) -> Ti
         trainable_params=_get(d, "trainable_params", int, where),
         trainable_bytes=_get(d, "trainable_bytes", int, where),
         measured=measured,
+        rank=rank,
+        lora_params=lora_params,
     )
 
 

@@ -253,15 +253,30 @@ def _encoded(node: NodeSettings, manifest: Manifest, bundle_dir: Path, max_len: 
     return _CACHE[key]
 
 
-def _memory() -> dict[str, float]:
-    """This process's resident memory now and its peak so far, MB (in a simulation the peak covers the process's
-    life, which may include other tiers: see docs/simulation.md)."""
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window for this process (Linux: write 5 to /proc/self/clear_refs, which resets
+    VmHWM to the current RSS). In a long-lived simulation worker this makes the peak that of one message, not of the
+    worker's life. False where the kernel does not allow it; the peak then covers the process's life."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory(window: bool) -> dict[str, float]:
+    """This process's resident memory now and its peak, MB: since ``reset_peak_rss`` when ``window`` (the message's
+    own peak), else over the process's life (``peak_scope`` 1.0 for the message, 0.0 for the process)."""
     import resource
 
     import psutil
 
+    from edge_runtime.measure import peak_rss_mb
+
     rss = psutil.Process().memory_info().rss / 2**20
-    return {"rss_mb": rss, "peak_rss_mb": max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    peak = peak_rss_mb() if window else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rss_mb": rss, "peak_rss_mb": max(rss, peak), "peak_scope": 1.0 if window else 0.0}
 
 
 # -- the Flower app ----------------------------------------------------------------------------------------------
@@ -327,6 +342,8 @@ def _run(content: Any, node: NodeSettings, training: bool) -> Any:
     from edge_runtime.update import manifest_id
 
     started = time.perf_counter()
+    window = reset_peak_rss()
+    start_rss = _memory(window)["rss_mb"]
     ins = instruction_from_record(content)
     bundle_dir = bundle_dir_for(node, None, ins.manifest_id)
     manifest = load_manifest(bundle_dir)
@@ -358,7 +375,7 @@ def _run(content: Any, node: NodeSettings, training: bool) -> Any:
     )  # fmt: skip
     result = session.train(train_data, config)
     metrics = {"train_loss": result.mean_loss, "train_seconds": result.seconds, "steps": float(result.steps),
-               "received_bytes": float(received), "seconds": time.perf_counter() - started, **_memory()}  # fmt: skip
+               "received_bytes": float(received), "seconds": time.perf_counter() - started, "start_rss_mb": start_rss, **_memory(window)}  # fmt: skip
     update = session.update(result.examples, result.stats, metrics)
     return update_to_record(update, ins.round)
 

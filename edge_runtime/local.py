@@ -199,7 +199,7 @@ def train_local(
         state.finished = False
     else:
         state = RunState(manifest_id(manifest), session.slots, session.assignment, asdict(config))
-    stats = RoutingStats.zeros(manifest.num_layers, session.slots)
+    stats = RoutingStats.zeros(manifest.num_layers, session.width)
     if state.route_counts is not None:
         stats.route_counts += np.array(state.route_counts)
         stats.route_prob_sum += np.array(state.route_prob_sum)

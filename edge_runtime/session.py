@@ -120,8 +120,9 @@ class TierSession:
                 entries += manifest.encoder_files
             verify_files(self.bundle_dir, entries)
         self.backend: TierBackend = open_backend(backend, self.bundle_dir, manifest, slots, threads)
-        self.assignment = [list(range(slots)) for _ in range(manifest.num_layers)]
-        self.routing_target = np.full((manifest.num_layers, slots), 1.0 / slots, np.float32)
+        self.width = manifest.route_width(slots)  # routing target and statistics: [L, width]
+        self.assignment = [list(range(self.width)) for _ in range(manifest.num_layers)]
+        self.routing_target = np.full((manifest.num_layers, self.width), 1.0 / self.width, np.float32)
 
     # -- setup -------------------------------------------------------------------------------------------------
 
@@ -146,8 +147,8 @@ class TierSession:
     def _set_target(self, routing_target: np.ndarray | None) -> None:
         if routing_target is not None:
             q = np.asarray(routing_target, np.float32)
-            if q.shape != (self.manifest.num_layers, self.slots) or not np.isfinite(q).all() or (q <= 0).any():
-                raise ValueError(f"routing target must be positive, finite, shape [{self.manifest.num_layers}, {self.slots}]")
+            if q.shape != (self.manifest.num_layers, self.width) or not np.isfinite(q).all() or (q <= 0).any():
+                raise ValueError(f"routing target must be positive, finite, shape [{self.manifest.num_layers}, {self.width}]")
             self.routing_target = q / q.sum(axis=1, keepdims=True)
 
     def set_values(self, values: dict[str, np.ndarray]) -> None:
@@ -178,7 +179,7 @@ class TierSession:
     ) -> TrainResult:
         """Train for ``config.epochs`` epochs (or ``max_steps``), from a position (for resuming)."""
         self.backend.set_learning_rate(config.learning_rate)
-        stats = RoutingStats.zeros(self.manifest.num_layers, self.slots)
+        stats = RoutingStats.zeros(self.manifest.num_layers, self.width)
         per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
         step, examples, losses, stopped, interrupted = start_step, 0, [], False, False
         start = time.perf_counter()

@@ -11,6 +11,8 @@ Tensors (all float32):
 - ``layers.{l}.router_rows.{weight,bias}``: the tier's router, ``[t, d]`` and ``[t]``; row ``j`` belongs to global
   expert ``assignment[l][j]`` (absent for a one-slot tier, whose gate is constant);
 - ``head.{weight,bias}``: the classification head;
+- LoRA baselines instead of experts and router rows: ``lora.{module}.{A,B}`` at the tier's rank, ``A`` [r, in] and
+  ``B`` [out, r] (the assignment is ``[[0]]`` per layer: every device holds the one global adapter);
 - ``stats.route_counts`` and ``stats.route_prob_sum``, ``[L, t]``: top-k assignments and summed router
   probabilities per slot over the real tokens seen in training (the routing statistics the coordinator uses).
 """
@@ -34,6 +36,7 @@ from edge_runtime.bundle import (
     Manifest,
     global_expert_key,
     global_head_key,
+    global_lora_key,
     global_router_key,
 )
 
@@ -57,8 +60,8 @@ def router_rows_key(layer: int, tensor: str) -> str:
 
 
 def default_assignment(manifest: Manifest, slots: int) -> list[list[int]]:
-    """Slot j of every layer <- global expert j (what standalone training uses)."""
-    return [list(range(slots)) for _ in range(manifest.num_layers)]
+    """Slot j of every layer <- global expert j (what standalone training uses); ``[[0]]`` per layer for LoRA."""
+    return [list(range(manifest.route_width(slots))) for _ in range(manifest.num_layers)]
 
 
 def check_assignment(manifest: Manifest, slots: int, assignment: Any) -> list[list[int]]:
@@ -66,11 +69,12 @@ def check_assignment(manifest: Manifest, slots: int, assignment: Any) -> list[li
     if not isinstance(assignment, (list, tuple)) or len(assignment) != manifest.num_layers:
         raise UpdateError(f"assignment must have one list per layer ({manifest.num_layers}), got {assignment!r:.80}")
     out = []
+    width = manifest.route_width(slots)
     for layer, ids in enumerate(assignment):
         ids = [int(i) for i in ids]
-        if len(ids) != slots or len(set(ids)) != slots or not all(0 <= i < manifest.num_experts for i in ids):
+        if len(ids) != width or len(set(ids)) != width or not all(0 <= i < manifest.num_experts for i in ids):
             raise UpdateError(
-                f"assignment of layer {layer} is {ids}: it must name {slots} distinct experts in 0..{manifest.num_experts - 1}"
+                f"assignment of layer {layer} is {ids}: it must name {width} distinct experts in 0..{manifest.num_experts - 1}"
             )
         out.append(ids)
     return out
@@ -84,6 +88,9 @@ def tier_values_from_pool(
     out: dict[str, np.ndarray] = {}
     for p in tier.slot_params:
         out[p.name] = pool[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)]
+    for p in tier.lora_params:  # HetLoRA's truncation: the first r rows of A, the first r columns of B
+        full = pool[global_lora_key(p.module, p.matrix)]
+        out[p.name] = full[: p.shape[0]] if p.matrix == "A" else full[:, : p.shape[1]]
     for p in tier.router_params:
         out[p.name] = np.ascontiguousarray(pool[global_router_key(p.layer, p.tensor)][assignment[p.layer]])
     for p in tier.head_params:
@@ -99,6 +106,8 @@ def tier_values_to_global(
     out: dict[str, np.ndarray] = {}
     for p in tier.slot_params:
         out[global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)] = values[p.name]
+    for p in tier.lora_params:
+        out[global_lora_key(p.module, p.matrix)] = values[p.name]
     for p in tier.router_params:
         out[router_rows_key(p.layer, p.tensor)] = values[p.name]
     for p in tier.head_params:
@@ -115,6 +124,7 @@ def tier_values_from_global(
     out: dict[str, np.ndarray] = {}
     for params, key in ((tier.slot_params, lambda p: global_expert_key(p.layer, assignment[p.layer][p.slot], p.tensor)),
                         (tier.router_params, lambda p: router_rows_key(p.layer, p.tensor)),
+                        (tier.lora_params, lambda p: global_lora_key(p.module, p.matrix)),
                         (tier.head_params, lambda p: global_head_key(p.tensor))):  # fmt: skip
         for p in params:
             name = key(p)
@@ -197,7 +207,11 @@ class Update:
         d, r, t, n_layers = manifest.hidden_size, manifest.expert_dim, self.tier, manifest.num_layers
         shapes = {"w1": (d, r), "b1": (r,), "w2": (r, d), "b2": (d,)}
         out: dict[str, tuple[int, ...]] = {}
-        for layer, ids in enumerate(self.assignment):
+        if manifest.is_lora:
+            for p in manifest.tier(t).lora_params:
+                out[global_lora_key(p.module, p.matrix)] = tuple(p.shape)
+            t = 1  # one routing "slot": the adapter every token uses
+        for layer, ids in enumerate(self.assignment if not manifest.is_lora else []):
             for e in ids:
                 for tensor in EXPERT_TENSORS:
                     out[global_expert_key(layer, e, tensor)] = shapes[tensor]

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from edge_runtime.bundle import Manifest, load_manifest
 from edge_runtime.ort_backend import OrtTierSession
 from exporter.config import MoEAdapterConfig
-from exporter.model import SUPPORTED, FFTMoEModel, load_encoder
+from exporter.model import SUPPORTED, AdaptedEncoder, FFTMoEModel, load_encoder
 from exporter.onnx_export import example_inputs
 
 
@@ -32,8 +32,8 @@ def tier_files(bundle_dir: Path, manifest: Manifest, slots: int) -> dict[str, Pa
     return {k: bundle_dir / f.path for k, f in manifest.tier(slots).files.items()}
 
 
-def torch_model(bundle_dir: Path, manifest: Manifest, slots: int, encoder: torch.nn.Module | None = None) -> FFTMoEModel:
-    """The PyTorch model of a tier with the bundle's initial global pool (slot j <- expert j).
+def torch_model(bundle_dir: Path, manifest: Manifest, slots: int, encoder: torch.nn.Module | None = None) -> AdaptedEncoder:
+    """The PyTorch model of a tier with the bundle's initial global pool (slot j <- expert j; LoRA: truncated).
 
     ``encoder`` is a pristine encoder loaded earlier with ``load_encoder`` (copied, not modified); None loads it
     from ``manifest.model.source``.
@@ -42,7 +42,13 @@ def torch_model(bundle_dir: Path, manifest: Manifest, slots: int, encoder: torch
         encoder, _, _, _ = load_encoder(manifest.model.source)
     else:
         encoder = copy.deepcopy(encoder)
-    model = FFTMoEModel(encoder, SUPPORTED[manifest.model.model_type], adapter_config(manifest), slots, len(manifest.labels))
+    arch = SUPPORTED[manifest.model.model_type]
+    if manifest.is_lora:
+        from exporter.lora import LoraModel, lora_config_from_manifest
+
+        model: AdaptedEncoder = LoraModel(encoder, arch, lora_config_from_manifest(manifest), int(manifest.tier(slots).rank or 0), len(manifest.labels))
+    else:
+        model = FFTMoEModel(encoder, arch, adapter_config(manifest), slots, len(manifest.labels))
     model.load_global(load_file(str(bundle_dir / manifest.global_pool.path)))
     return model
 
@@ -56,7 +62,7 @@ class GradientReport:
     errors: dict[str, float]
 
 
-def randomize_trainable(model: FFTMoEModel, seed: int, scale: float = 0.05) -> dict[str, np.ndarray]:
+def randomize_trainable(model: AdaptedEncoder, seed: int, scale: float = 0.05) -> dict[str, np.ndarray]:
     """Give every trainable tensor distinct random values (zeros make many gradients vanish or coincide)."""
     g = torch.Generator().manual_seed(seed)
     values = {}
@@ -76,7 +82,7 @@ def gradient_check(
     model = torch_model(bundle_dir, manifest, slots, encoder)
     values = randomize_trainable(model, seed)
     inputs = example_inputs(model, batch, min(seq_len, manifest.max_seq_len), manifest.model.image_size, seed=seed)
-    target = torch.rand(model.num_layers, slots, generator=torch.Generator().manual_seed(seed + 1)) + 0.1
+    target = torch.rand(model.num_layers, model.route_width, generator=torch.Generator().manual_seed(seed + 1)) + 0.1
     inputs = (*inputs[:-1], target / target.sum(dim=1, keepdim=True))  # a non-uniform q exercises L_het fully
 
     session = OrtTierSession(tier_files(bundle_dir, manifest, slots), with_optimizer=False)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from exporter.config import ConfigError, MoEAdapterConfig, parse_tiers
+from exporter.config import DEFAULT_LORA_TARGETS, ConfigError, LoraAdapterConfig, MoEAdapterConfig, parse_ranks, parse_tiers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,7 +33,11 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=
 @app.command(epilog=EPILOG)
 def export(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the bundle into (created; refused if it holds files, unless --force)."),
-    tiers: str = typer.Option("2,4,8", help="Expert-budget tiers: experts per layer held and trained on a device, comma-separated, each 1..--experts."),
+    tiers: str = typer.Option("2,4,8", help="Expert-budget tiers: experts per layer held and trained on a device, comma-separated, each 1..--experts. For the LoRA baselines the tiers are the same budget levels, each training a LoRA rank (--ranks)."),
+    method: str = typer.Option("fftmoe", help="What the tiers train: fftmoe (MoE experts), or a baseline with PEFT LoRA: fedit (one rank for every tier, merged by FedAvg) or hetlora (a rank per tier, zero-padded, sparsity-weighted merge, truncated back)."),
+    ranks: Optional[str] = typer.Option(None, help="LoRA baselines: one rank for every tier (--ranks 32) or one per tier in tier order (--ranks 14,29,58). With the default targets on MiniLM, 14/29/58 match the trainable parameters of FFT-MoE tiers 2/4/8."),
+    lora_targets: str = typer.Option(",".join(DEFAULT_LORA_TARGETS), help="LoRA baselines: PEFT target_modules, comma-separated (default: every linear layer of each block)."),
+    lora_scale: float = typer.Option(2.0, help="LoRA baselines: lora_alpha / rank, the same on every tier."),
     model: Optional[str] = typer.Option(None, help="Hugging Face encoder folder or hub id (BERT, RoBERTa, XLM-R, ELECTRA, ViT, DeiT). Default: the offline all-MiniLM-L6-v2."),
     experts: int = typer.Option(8, help="M: global experts per layer."),
     expert_dim: int = typer.Option(64, help="r: width of each expert FFN (d -> r -> d)."),
@@ -61,8 +65,21 @@ def export(
         adapter = MoEAdapterConfig(
             num_experts=experts, expert_dim=expert_dim, top_k=top_k, aux_alpha=alpha, aux_beta=beta, seed=seed
         )
+        lora = None
+        if method not in ("fftmoe", "fedit", "hetlora"):
+            raise ConfigError(f"--method {method!r}: choose fftmoe, fedit or hetlora")
+        if method == "fftmoe":
+            tier_list = parse_tiers(tiers, experts)
+            if ranks is not None:
+                raise ConfigError("--ranks is for the LoRA baselines; add --method fedit or --method hetlora")
+        else:
+            tier_list = parse_tiers(tiers, 1 << 30)
+            if ranks is None:
+                raise ConfigError(f"--method {method} needs --ranks: one rank (fedit), or one per tier (hetlora), e.g. --ranks 14,29,58")
+            lora = LoraAdapterConfig(method=method, ranks=parse_ranks(ranks, tier_list), scale=lora_scale, seed=seed,
+                                     target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()))  # fmt: skip
         opts = ExportOptions(
-            out=out, tiers=parse_tiers(tiers, experts), adapter=adapter, model=model,
+            out=out, tiers=tier_list, adapter=adapter, lora=lora, model=model,
             labels=labels.split(",") if labels is not None else None, num_labels=num_labels,
             max_seq_len=max_seq_len, force=force, measure=measure,
         )  # fmt: skip
@@ -102,12 +119,16 @@ def export(
     if json_out:
         print(json.dumps({"out": str(opts.out), "seconds": round(total, 1), "tiers": [asdict(r) for r in reports]}, indent=2))
         return
-    table = Table(title=f"bundle {opts.out} ({manifest.model.model_type}, M={manifest.num_experts}, r={manifest.expert_dim}, top-k={manifest.top_k})")
-    for col in ("tier", "top-k", "trainable params", "artifact MB", "export s", "step s (16x64, 2 thr)", "peak RSS MB"):
+    if manifest.is_lora:
+        title = f"bundle {opts.out} ({manifest.model.model_type}, {manifest.method}: PEFT LoRA on {','.join(manifest.lora.target_modules)})"
+    else:
+        title = f"bundle {opts.out} ({manifest.model.model_type}, M={manifest.num_experts}, r={manifest.expert_dim}, top-k={manifest.top_k})"
+    table = Table(title=title)
+    for col in ("tier", "rank" if manifest.is_lora else "top-k", "trainable params", "artifact MB", "export s", "step s (16x64, 2 thr)", "peak RSS MB"):
         table.add_column(col, justify="right")
     for r in reports:
         table.add_row(
-            str(r.slots), str(r.top_k), f"{r.trainable_params:,}", f"{r.artifact_mb:.1f}", f"{r.export_s:.1f}",
+            str(r.slots), str(r.rank if manifest.is_lora else r.top_k), f"{r.trainable_params:,}", f"{r.artifact_mb:.1f}", f"{r.export_s:.1f}",
             "-" if r.step_time_s is None else f"{r.step_time_s:.3f}",
             "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
         )  # fmt: skip

@@ -61,3 +61,51 @@ def parse_tiers(text: str, num_experts: int) -> list[int]:
             raise ConfigError(f"--tiers {text!r}: {value} exceeds --experts {num_experts}; raise --experts or drop the tier")
         tiers.add(value)
     return sorted(tiers)
+
+
+DEFAULT_LORA_TARGETS = ("query", "key", "value", "dense")
+"""PEFT target_modules matching every linear layer of a BERT- or ViT-style block (attention q, k, v and output,
+FFN in and out); the pooler is not loaded."""
+
+
+@dataclass
+class LoraAdapterConfig:
+    """Settings of the LoRA baselines (PEFT's LoraConfig with dropout 0 and no bias), one rank per tier."""
+
+    method: str = field(default="fedit", metadata={"help": "fedit (one rank for every tier, FedAvg) or hetlora (a rank per tier) (--method)."})
+    ranks: dict[int, int] = field(default_factory=dict, metadata={"help": "Tier -> LoRA rank (--ranks)."})
+    target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "PEFT target_modules (--lora-targets)."})
+    scale: float = field(default=2.0, metadata={"help": "lora_alpha / rank, equal for every tier (--lora-scale)."})
+    init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of the classification head."})
+    seed: int = field(default=0, metadata={"help": "Seed of the adapter's initialisation (--seed)."})
+
+    def __post_init__(self) -> None:
+        if self.method not in ("fedit", "hetlora"):
+            raise ConfigError(f"--method {self.method!r}: a LoRA baseline is fedit or hetlora")
+        if not self.ranks:
+            raise ConfigError("--ranks is empty: give one rank (fedit) or one per tier (hetlora), e.g. --ranks 14,29,58")
+        if any(r < 1 for r in self.ranks.values()):
+            raise ConfigError(f"--ranks must all be >= 1, got {sorted(self.ranks.values())}")
+        if self.method == "fedit" and len(set(self.ranks.values())) != 1:
+            raise ConfigError(f"--method fedit trains one rank on every tier, got ranks {self.ranks}; give one --ranks value, or use --method hetlora")
+        if not self.target_modules or not all(self.target_modules):
+            raise ConfigError("--lora-targets is empty: name the linear modules to adapt, e.g. query,key,value,dense")
+        if not (self.scale > 0 and self.scale != float("inf")):
+            raise ConfigError(f"--lora-scale must be a positive number, got {self.scale}")
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values())
+
+
+def parse_ranks(text: str, tiers: list[int]) -> dict[int, int]:
+    """``--ranks 32`` (every tier) or ``--ranks 14,29,58`` (one per tier, in the order of the sorted tiers)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--ranks {text!r}: give integers separated by commas, e.g. --ranks 32 or --ranks 14,29,58") from None
+    if len(values) == 1:
+        return {t: values[0] for t in tiers}
+    if len(values) != len(tiers):
+        raise ConfigError(f"--ranks {text!r} gives {len(values)} ranks for {len(tiers)} tiers ({','.join(map(str, tiers))}): give one, or one per tier")
+    return dict(zip(tiers, values))

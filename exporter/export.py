@@ -30,8 +30,8 @@ from edge_runtime.bundle import (
     ModelInfo,
     Tier,
 )
-from exporter.config import ConfigError, MoEAdapterConfig
-from exporter.model import FFTMoEModel, encoder_blocks, init_global_pool, load_encoder, weights_sha256
+from exporter.config import ConfigError, LoraAdapterConfig, MoEAdapterConfig
+from exporter.model import AdaptedEncoder, FFTMoEModel, encoder_blocks, init_global_pool, load_encoder, weights_sha256
 from exporter.onnx_export import OPSET, example_inputs, export_inference_model, generate_tier_artifacts
 
 GLOBAL_POOL_FILE = "global_pool.safetensors"
@@ -51,6 +51,8 @@ class ExportOptions:
     out: Path
     tiers: list[int]
     adapter: MoEAdapterConfig = field(default_factory=MoEAdapterConfig)
+    lora: LoraAdapterConfig | None = None
+    """Set for the LoRA baselines (--method fedit|hetlora): the tiers then train PEFT LoRA of these ranks."""
     model: str | None = None
     labels: list[str] | None = None
     num_labels: int | None = None
@@ -84,6 +86,7 @@ class TierReport:
     top_k: int
     trainable_params: int
     artifact_mb: float
+    rank: int | None
     export_s: float
     step_time_s: float | None
     peak_rss_mb: float | None
@@ -114,7 +117,7 @@ def _save_pool(pool: dict[str, np.ndarray], path: Path) -> None:
     save_file(pool, str(path), metadata={"format": "fftmoe-global-pool", "format_version": "1"})
 
 
-def _measure(tier_dir: Path, opts: ExportOptions, model: FFTMoEModel, image_size: int | None) -> Measurement:
+def _measure(tier_dir: Path, opts: ExportOptions, model: AdaptedEncoder, image_size: int | None) -> Measurement:
     """Run a few ORT training steps in a child process (no torch loaded) and read its step time and peak RSS."""
     cmd = [
         sys.executable, "-m", "edge_runtime.measure", str(tier_dir),
@@ -122,7 +125,7 @@ def _measure(tier_dir: Path, opts: ExportOptions, model: FFTMoEModel, image_size
         "--batch-size", str(opts.measure_batch),
         "--seq-len", str(min(opts.measure_seq_len, opts.max_seq_len)),
         "--num-layers", str(model.num_layers),
-        "--slots", str(model.slots),
+        "--slots", str(model.route_width),
         "--num-labels", str(model.head.out_features),
         "--vocab-size", str(getattr(model.encoder.config, "vocab_size", 0)),
         "--image-size", str(image_size or 0),
@@ -132,7 +135,7 @@ def _measure(tier_dir: Path, opts: ExportOptions, model: FFTMoEModel, image_size
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"measuring tier {model.slots} failed:\n{proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"measuring a tier ({tier_dir.name}) failed:\n{proc.stderr.strip()[-2000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     return Measurement(
         batch_size=r["batch_size"], seq_len=r["seq_len"], threads=r["threads"], steps=r["steps"],
@@ -148,7 +151,7 @@ def _write_inference(
     """The initial global model (all M experts, global router) as ONNX + config + preprocessor, for optimum."""
     inf_dir = stage / INFERENCE_DIR
     inf_dir.mkdir()
-    model = FFTMoEModel(copy.deepcopy(encoder), arch, opts.adapter, opts.adapter.num_experts, len(labels))
+    model = _model(encoder, arch, opts, None, len(labels))
     model.load_global(pool)
     inputs = example_inputs(model, 2, min(16, opts.max_seq_len), image_size)
     export_inference_model(model, inputs, inf_dir / "model.onnx")
@@ -157,10 +160,23 @@ def _write_inference(
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
     config.architectures = None
-    config.fftmoe = {"num_experts": opts.adapter.num_experts, "top_k": opts.adapter.top_k, "pooling": arch.pooling}
+    if opts.lora is not None:
+        config.fftmoe = {"method": opts.lora.method, "rank": opts.lora.max_rank, "pooling": arch.pooling}
+    else:
+        config.fftmoe = {"num_experts": opts.adapter.num_experts, "top_k": opts.adapter.top_k, "pooling": arch.pooling}
     config.save_pretrained(inf_dir)
     preprocessor.save_pretrained(inf_dir)
     return [FileEntry.of(stage, p.relative_to(stage).as_posix()) for p in sorted(inf_dir.iterdir()) if p.name != "model.onnx"]
+
+
+def _model(encoder, arch, opts: ExportOptions, slots: int | None, num_labels: int) -> AdaptedEncoder:
+    """A fresh copy of the encoder with one tier's adapters (``slots``), or the global ones (None)."""
+    if opts.lora is not None:
+        from exporter.lora import LoraModel
+
+        rank = opts.lora.max_rank if slots is None else opts.lora.ranks[slots]
+        return LoraModel(copy.deepcopy(encoder), arch, opts.lora, rank, num_labels)
+    return FFTMoEModel(copy.deepcopy(encoder), arch, opts.adapter, opts.adapter.num_experts if slots is None else slots, num_labels)
 
 
 def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -> tuple[Manifest, list[TierReport]]:
@@ -195,7 +211,15 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
         shutil.rmtree(stage)
     stage.mkdir()
     try:
-        pool = init_global_pool(opts.adapter, cfg.hidden_size, num_layers, len(labels))
+        if opts.lora is not None:
+            from exporter.lora import init_lora_pool
+
+            missing = [t for t in opts.tiers if t not in opts.lora.ranks]
+            if missing:
+                raise ConfigError(f"--ranks gives no rank for tier(s) {missing}")
+            pool = init_lora_pool(opts.lora, _model(encoder, arch, opts, None, len(labels)))
+        else:
+            pool = init_global_pool(opts.adapter, cfg.hidden_size, num_layers, len(labels))
         _save_pool(pool, stage / GLOBAL_POOL_FILE)
         (stage / TOKENIZER_DIR).mkdir()
         preprocessor.save_pretrained(stage / TOKENIZER_DIR)
@@ -210,7 +234,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
         for slots in opts.tiers:
             progress(f"tier {slots}: exporting training artifacts")
             start = time.perf_counter()
-            model = FFTMoEModel(copy.deepcopy(encoder), arch, opts.adapter, slots, len(labels))
+            model = _model(encoder, arch, opts, slots, len(labels))
             model.load_global(pool)
             tier_rel = f"tiers/t{slots}"
             inputs = example_inputs(model, 2, min(16, opts.max_seq_len), image_size)
@@ -222,14 +246,17 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
                 measured = _measure(stage / tier_rel, opts, model, image_size)
             n_params = sum(p.numel() for _, p in model.trainable_named_parameters())
             files = {k: FileEntry.of(stage, p.relative_to(stage).as_posix()) for k, p in paths.items()}
+            is_moe = isinstance(model, FFTMoEModel)
+            rank = None if is_moe else model.rank
             tiers[slots] = Tier(
-                slots=slots, top_k=model.top_k, files=files, slot_params=model.slot_params(),
-                router_params=model.router_params(), head_params=model.head_params(),
-                trainable_params=n_params, trainable_bytes=4 * n_params, measured=measured,
+                slots=slots, top_k=model.top_k if is_moe else 1, files=files,
+                slot_params=model.slot_params() if is_moe else [], router_params=model.router_params() if is_moe else [],
+                head_params=model.head_params(), trainable_params=n_params, trainable_bytes=4 * n_params, measured=measured,
+                rank=rank, lora_params=[] if is_moe else model.lora_params(),
             )  # fmt: skip
             reports.append(
                 TierReport(
-                    slots=slots, top_k=model.top_k, trainable_params=n_params,
+                    slots=slots, top_k=tiers[slots].top_k, trainable_params=n_params, rank=rank,
                     artifact_mb=sum(f.size for f in files.values()) / 1e6, export_s=export_s,
                     step_time_s=measured.step_time_s if measured else None,
                     peak_rss_mb=measured.peak_rss_mb if measured else None,
@@ -239,10 +266,17 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
 
         progress("exporting the inference model")
         inference_files = _write_inference(stage, encoder, preprocessor, arch, opts, labels, pool, image_size)
+        if opts.lora is not None:
+            from exporter.lora import lora_info
+
+            method, lora = opts.lora.method, lora_info(opts.lora)
+            experts, width, top_k, aux = 1, opts.lora.max_rank, 1, (0.0, 0.0)
+        else:
+            a = opts.adapter
+            method, lora, experts, width, top_k, aux = "fftmoe", None, a.num_experts, a.expert_dim, a.top_k, (a.aux_alpha, a.aux_beta)
         manifest = Manifest(
-            model=model_info, labels=labels, max_seq_len=opts.max_seq_len,
-            num_experts=opts.adapter.num_experts, expert_dim=opts.adapter.expert_dim, top_k=opts.adapter.top_k,
-            aux_alpha=opts.adapter.aux_alpha, aux_beta=opts.adapter.aux_beta, pooling=arch.pooling, opset=OPSET,
+            model=model_info, labels=labels, max_seq_len=opts.max_seq_len, method=method, lora=lora,
+            num_experts=experts, expert_dim=width, top_k=top_k, aux_alpha=aux[0], aux_beta=aux[1], pooling=arch.pooling, opset=OPSET,
             tiers=tiers, global_pool=FileEntry.of(stage, GLOBAL_POOL_FILE),
             inference_model=FileEntry.of(stage, f"{INFERENCE_DIR}/model.onnx"),
             tokenizer_files=tokenizer_files, inference_files=inference_files, encoder_files=encoder_files,

@@ -156,39 +156,29 @@ class MoELayer(nn.Module):
         return h + delta
 
 
-class FFTMoEModel(nn.Module):
-    """Frozen encoder + MoE adapters with ``slots`` experts per layer + a classification head.
+class AdaptedEncoder(nn.Module):
+    """What every method shares: a frozen encoder with adapters injected, pooling, and a classification head.
 
     ``forward`` takes the training-graph inputs in bundle order (``input_ids, attention_mask`` or
-    ``pixel_values``, then ``labels`` [B] and ``routing_target`` [L, t]) and returns the outputs in
-    ``edge_runtime.bundle.OUTPUTS`` order: loss, logits, ce_loss, aux_balance, aux_hetero, route_counts [L, t],
-    route_prob_sum [L, t].
+    ``pixel_values``, then ``labels`` [B] and ``routing_target`` [L, w]) and returns the outputs in
+    ``edge_runtime.bundle.OUTPUTS`` order: loss, logits, ce_loss, aux_balance, aux_hetero, route_counts [L, w],
+    route_prob_sum [L, w]. ``w`` is ``route_width``: the slots of an MoE tier, 1 for a LoRA adapter (one "slot"
+    that every token uses), so that every method's artifacts have the same inputs and outputs and one edge runtime
+    trains them all.
     """
 
-    def __init__(
-        self, encoder: nn.Module, arch: Architecture, config: MoEAdapterConfig, slots: int, num_labels: int
-    ) -> None:
+    route_width: int = 1
+
+    def __init__(self, encoder: nn.Module, arch: Architecture, num_labels: int) -> None:
         super().__init__()
-        if not 1 <= slots <= config.num_experts:
-            raise ValueError(f"slots={slots} must be in 1..{config.num_experts}")
         self.arch = arch
-        self.config = config
-        self.slots = slots
-        self.top_k = config.active_experts(slots)
-        hidden = encoder.config.hidden_size
         self.encoder = encoder
         self.encoder.requires_grad_(False)
-        blocks = encoder_blocks(encoder, arch)
-        self.adapters: list[MoELayer] = []
-        for block in blocks:
-            layer = MoELayer(getattr(block, arch.ffn_output), hidden, slots, config.expert_dim, self.top_k)
-            setattr(block, arch.ffn_output, layer)
-            self.adapters.append(layer)
-        self.head = nn.Linear(hidden, num_labels)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
     @property
     def num_layers(self) -> int:
-        return len(self.adapters)
+        return len(encoder_blocks(self.encoder, self.arch))
 
     def logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model inputs -> (logits [B, num_labels], token_mask [B, S])."""
@@ -207,30 +197,79 @@ class FFTMoEModel(nn.Module):
             pooled = hidden[:, 0]  # [B, d]
         return self.head(pooled), token_mask
 
+    def routing(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (probs, selected), each [B, S, w], of the last forward pass."""
+        raise NotImplementedError
+
+    def aux_weights(self) -> tuple[float, float]:
+        """(alpha, beta): weights of the load-balance and heterogeneity terms in the loss."""
+        return 0.0, 0.0
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         *model_inputs, labels, routing_target = inputs
         logits, token_mask = self.logits(*model_inputs)
         ce = nn.functional.cross_entropy(logits, labels)
+        top_k = getattr(self, "top_k", 1)
         balances, heteros, counts, prob_sums = [], [], [], []
-        for i, layer in enumerate(self.adapters):
-            if layer.routing is None:
-                raise RuntimeError(f"adapter {i} did not run in this forward pass")
-            probs, selected = layer.routing
-            layer.routing = None
-            bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], self.top_k)
+        for i, (probs, selected) in enumerate(self.routing(token_mask)):
+            bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], top_k)
             balances.append(bal)
             heteros.append(het)
             counts.append(cnt)
             prob_sums.append(psum)
         aux_balance = torch.stack(balances).mean()
         aux_hetero = torch.stack(heteros).mean()
-        loss = ce + self.config.aux_alpha * aux_balance + self.config.aux_beta * aux_hetero
+        alpha, beta = self.aux_weights()
+        loss = ce + alpha * aux_balance + beta * aux_hetero
         return loss, logits, ce, aux_balance, aux_hetero, torch.stack(counts), torch.stack(prob_sums)
-
-    # -- parameters by role ------------------------------------------------------------------------------------
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def head_params(self) -> list[NamedParam]:
+        return [NamedParam(f"head.{t}", -1, t) for t in HEAD_TENSORS]
+
+    def clear_routing(self) -> None:
+        """Forget the routing tensors of a forward pass whose losses are not computed (inference)."""
+
+
+class FFTMoEModel(AdaptedEncoder):
+    """Frozen encoder + MoE adapters with ``slots`` experts per layer + a classification head."""
+
+    def __init__(
+        self, encoder: nn.Module, arch: Architecture, config: MoEAdapterConfig, slots: int, num_labels: int
+    ) -> None:
+        super().__init__(encoder, arch, num_labels)
+        if not 1 <= slots <= config.num_experts:
+            raise ValueError(f"slots={slots} must be in 1..{config.num_experts}")
+        self.config = config
+        self.slots = slots
+        self.route_width = slots
+        self.top_k = config.active_experts(slots)
+        hidden = encoder.config.hidden_size
+        self.adapters: list[MoELayer] = []
+        for block in encoder_blocks(encoder, arch):
+            layer = MoELayer(getattr(block, arch.ffn_output), hidden, slots, config.expert_dim, self.top_k)
+            setattr(block, arch.ffn_output, layer)
+            self.adapters.append(layer)
+
+    def routing(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for i, layer in enumerate(self.adapters):
+            if layer.routing is None:
+                raise RuntimeError(f"adapter {i} did not run in this forward pass")
+            out.append(layer.routing)
+            layer.routing = None
+        return out
+
+    def aux_weights(self) -> tuple[float, float]:
+        return self.config.aux_alpha, self.config.aux_beta
+
+    def clear_routing(self) -> None:
+        for layer in self.adapters:
+            layer.routing = None
+
+    # -- parameters by role ------------------------------------------------------------------------------------
 
     def slot_params(self) -> list[SlotParam]:
         names = {id(p): n for n, p in self.named_parameters()}
@@ -249,9 +288,6 @@ class FFTMoEModel(nn.Module):
             if layer.moe.router.trainable
             for t in ROUTER_TENSORS
         ]
-
-    def head_params(self) -> list[NamedParam]:
-        return [NamedParam(f"head.{t}", -1, t) for t in HEAD_TENSORS]
 
     # -- the global pool ---------------------------------------------------------------------------------------
 

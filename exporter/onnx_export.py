@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from edge_runtime.bundle import OUTPUTS, TIER_FILES, tier_file_paths
-from exporter.model import FFTMoEModel
+from exporter.model import AdaptedEncoder
 
 OPSET = 16
 
@@ -31,11 +31,11 @@ class ExportError(RuntimeError):
     """The ONNX export produced a graph that cannot train correctly."""
 
 
-def example_inputs(model: FFTMoEModel, batch: int, seq_len: int, image_size: int | None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: AdaptedEncoder, batch: int, seq_len: int, image_size: int | None, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A deterministic batch in the training graph's input order (used for tracing, checks and measurements)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, model.head.out_features, (batch,), generator=g)
-    target = torch.full((model.num_layers, model.slots), 1.0 / model.slots)
+    target = torch.full((model.num_layers, model.route_width), 1.0 / model.route_width)
     if model.arch.modality == "text":
         vocab = model.encoder.config.vocab_size
         ids = torch.randint(5, vocab, (batch, seq_len), generator=g)
@@ -49,14 +49,14 @@ def example_inputs(model: FFTMoEModel, batch: int, seq_len: int, image_size: int
     return pixels, labels, target
 
 
-def input_names(model: FFTMoEModel) -> list[str]:
+def input_names(model: AdaptedEncoder) -> list[str]:
     return (["input_ids", "attention_mask"] if model.arch.modality == "text" else ["pixel_values"]) + [
         "labels",
         "routing_target",
     ]
 
 
-def _dynamic_axes(model: FFTMoEModel) -> dict[str, dict[int, str]]:
+def _dynamic_axes(model: AdaptedEncoder) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {"labels": {0: "batch"}, "logits": {0: "batch"}}
     if model.arch.modality == "text":
         axes["input_ids"] = {0: "batch", 1: "sequence"}
@@ -66,7 +66,7 @@ def _dynamic_axes(model: FFTMoEModel) -> dict[str, dict[int, str]]:
     return axes
 
 
-def export_training_graph(model: FFTMoEModel, inputs: tuple[torch.Tensor, ...], path: Path) -> onnx.ModelProto:
+def export_training_graph(model: AdaptedEncoder, inputs: tuple[torch.Tensor, ...], path: Path) -> onnx.ModelProto:
     """Export the forward graph (loss first) in TRAINING mode and check that no trainable tensor was merged."""
     model.train()
     with warnings.catch_warnings():
@@ -120,7 +120,7 @@ def _quiet_native_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-def generate_tier_artifacts(model: FFTMoEModel, inputs: tuple[torch.Tensor, ...], out_dir: Path) -> dict[str, Path]:
+def generate_tier_artifacts(model: AdaptedEncoder, inputs: tuple[torch.Tensor, ...], out_dir: Path) -> dict[str, Path]:
     """Write the training, eval and optimizer (AdamW) models and the checkpoint of one tier into ``out_dir``."""
     import onnxruntime.training.artifacts as artifacts
 
@@ -149,18 +149,17 @@ def generate_tier_artifacts(model: FFTMoEModel, inputs: tuple[torch.Tensor, ...]
 class _InferenceGraph(torch.nn.Module):
     """Model inputs -> logits, for the inference model (what optimum's ORTModelFor* runs)."""
 
-    def __init__(self, model: FFTMoEModel) -> None:
+    def __init__(self, model: AdaptedEncoder) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         logits, _ = self.model.logits(*inputs)
-        for layer in self.model.adapters:
-            layer.routing = None
+        self.model.clear_routing()
         return logits
 
 
-def export_inference_model(model: FFTMoEModel, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+def export_inference_model(model: AdaptedEncoder, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
     """Export ``logits = f(inputs)`` in eval mode (constant folding on: nothing trains from this graph)."""
     model.eval()
     names = input_names(model)[:-2]

@@ -107,9 +107,40 @@ def write_tiny_csv(path: Path, rows: int, seed: int) -> Path:
 
 def tier_bytes(manifest, tier: int) -> tuple[int, int]:  # noqa: ANN001
     """(bytes a node of this tier is sent, bytes of its update): its experts, router rows (none for one slot: it
-    routes everything to it) and head; plus statistics."""
+    routes everything to it) and head; plus statistics. For a LoRA baseline: A [r, in] and B [out, r] of every
+    linear layer of the tiny BERT's blocks (q, k, v, attention out: d x d; FFN in: d x 2d; FFN out: 2d x d)."""
     d, r, L, labels = manifest.hidden_size, manifest.expert_dim, manifest.num_layers, len(manifest.labels)
+    if manifest.is_lora:
+        rank, inter = manifest.tier(tier).rank, 2 * d
+        per_layer = rank * (4 * (d + d) + (d + inter) + (inter + d))
+        sent = 4 * (L * per_layer + labels * d + labels)
+        return sent, sent + 4 * 2 * L
     expert = d * r + r + r * d + d
     router = tier * d + tier if tier > 1 else 0
     sent = 4 * (L * tier * expert + L * router + labels * d + labels)
     return sent, sent + 4 * 2 * L * tier
+
+
+def export_tiny_lora(bert_dir: Path, out: Path, method: str, ranks: dict[int, int]) -> Path:
+    """Export the tiny BERT as a LoRA baseline (PEFT LoRA on every linear layer), three labels, no measurement."""
+    from exporter.config import LoraAdapterConfig
+    from exporter.export import ExportOptions, export_bundle
+
+    opts = ExportOptions(
+        out=out, tiers=sorted(ranks), lora=LoraAdapterConfig(method=method, ranks=ranks), model=str(bert_dir),
+        labels=TINY_LABELS, max_seq_len=16, measure=False,
+    )  # fmt: skip
+    export_bundle(opts)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hetlora(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HetLoRA on the tiny BERT: tiers 1, 2 and 4 train ranks 2, 4 and 8 (the tiers of ``tiny_bundle``)."""
+    return export_tiny_lora(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "hetlora", "hetlora", {1: 2, 2: 4, 4: 8})
+
+
+@pytest.fixture(scope="session")
+def tiny_fedit(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FedIT on the tiny BERT: tiers 1, 2 and 4 all train rank 4."""
+    return export_tiny_lora(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "fedit", "fedit", {1: 4, 2: 4, 4: 4})

@@ -113,3 +113,89 @@ def test_fleet_usage_and_its_moving_average() -> None:
     prev = np.full((L, M), 0.25)
     np.testing.assert_allclose(update_usage(prev, usage, 0.5), 0.5 * prev + 0.5 * usage)
     assert update_usage(prev, None) is prev
+
+
+# -- the LoRA baselines ---------------------------------------------------------------------------------------
+
+LORA_MODULES = {"enc.q": (3, 5), "enc.ffn": (5, 3)}  # module -> (in, out)
+RMAX = 4
+
+
+def lora_pool(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pool = {}
+    for m, (i, o) in LORA_MODULES.items():
+        pool[f"lora.{m}.A"] = rng.normal(size=(RMAX, i)).astype(np.float32)
+        pool[f"lora.{m}.B"] = rng.normal(size=(o, RMAX)).astype(np.float32)
+    pool["head.weight"] = rng.normal(size=(C, D)).astype(np.float32)
+    pool["head.bias"] = rng.normal(size=(C,)).astype(np.float32)
+    return pool
+
+
+def lora_update(rank: int, examples: int, seed: int) -> Update:
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for m, (i, o) in LORA_MODULES.items():
+        tensors[f"lora.{m}.A"] = rng.normal(size=(rank, i)).astype(np.float32)
+        tensors[f"lora.{m}.B"] = rng.normal(size=(o, rank)).astype(np.float32)
+    tensors["head.weight"] = rng.normal(size=(C, D)).astype(np.float32)
+    tensors["head.bias"] = rng.normal(size=(C,)).astype(np.float32)
+    tensors["stats.route_counts"] = np.ones((L, 1), np.float32)
+    tensors["stats.route_prob_sum"] = np.ones((L, 1), np.float32)
+    return Update("0" * 16, rank, [[0]] * L, examples, tensors)
+
+
+def test_fedit_is_fedavg_of_a_and_b() -> None:
+    from coordinator.merge import merge_lora
+
+    pool = lora_pool()
+    ups = [lora_update(RMAX, n, s) for n, s in ((10, 1), (30, 2), (60, 3))]
+    new, weights = merge_lora(pool, ups, sorted(LORA_MODULES), "fedavg")
+    w = np.array([10, 30, 60]) / 100
+    for m in LORA_MODULES:
+        for x in "AB":
+            want = sum(wk * u.tensors[f"lora.{m}.{x}"].astype(np.float64) for wk, u in zip(w, ups))
+            np.testing.assert_allclose(new[f"lora.{m}.{x}"], want, rtol=1e-6)
+        assert weights[m] == pytest.approx(list(w))
+    np.testing.assert_allclose(new["head.bias"], sum(wk * u.tensors["head.bias"] for wk, u in zip(w, ups)), rtol=1e-6)
+    assert not np.shares_memory(new["lora.enc.q.A"], pool["lora.enc.q.A"])
+
+
+def test_hetlora_zero_pads_and_weights_by_the_frobenius_norm_of_b_a() -> None:
+    from coordinator.merge import merge_lora, pad_lora
+
+    pool = lora_pool()
+    ups = [lora_update(r, n, s) for r, n, s in ((1, 50, 1), (2, 10, 2), (4, 5, 3))]
+    new, weights = merge_lora(pool, ups, sorted(LORA_MODULES), "hetlora")
+    for m, (i, o) in LORA_MODULES.items():
+        # the paper's rule, written out directly: zero-pad to RMAX, p_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F
+        norms = np.array([np.sqrt(((u.tensors[f"lora.{m}.B"].astype(np.float64) @ u.tensors[f"lora.{m}.A"]) ** 2).sum()) for u in ups])
+        p = norms / norms.sum()
+        want_a, want_b = np.zeros((RMAX, i)), np.zeros((o, RMAX))
+        for pk, u in zip(p, ups):
+            r = u.tier
+            want_a[:r] += pk * u.tensors[f"lora.{m}.A"]
+            want_b[:, :r] += pk * u.tensors[f"lora.{m}.B"]
+        np.testing.assert_allclose(new[f"lora.{m}.A"], want_a, rtol=1e-5)
+        np.testing.assert_allclose(new[f"lora.{m}.B"], want_b, rtol=1e-5)
+        assert weights[m] == pytest.approx(list(p))
+        # the rank-1 client contributes nothing beyond its first component
+        assert np.allclose(new[f"lora.{m}.A"][3], p[2] * ups[2].tensors[f"lora.{m}.A"][3])
+    a, b = pad_lora(np.ones((2, 3), np.float32), np.ones((5, 2), np.float32), 4)
+    np.testing.assert_array_equal(b @ a, np.full((5, 3), 2.0))
+    with pytest.raises(ValueError, match="cannot be padded"):
+        pad_lora(np.ones((5, 3)), np.ones((5, 5)), 4)
+
+
+def test_hetlora_falls_back_to_examples_when_every_b_is_zero_and_rejects_unknown_rules() -> None:
+    from coordinator.merge import merge_lora
+
+    ups = [lora_update(2, n, s) for n, s in ((10, 1), (30, 2))]
+    for u in ups:
+        for k in u.tensors:
+            if k.endswith(".B"):
+                u.tensors[k][:] = 0
+    _, weights = merge_lora(lora_pool(), ups, sorted(LORA_MODULES), "hetlora")
+    assert weights["enc.q"] == pytest.approx([0.25, 0.75])
+    with pytest.raises(ValueError, match="fedavg, hetlora"):
+        merge_lora(lora_pool(), ups, sorted(LORA_MODULES), "mean")

@@ -26,13 +26,53 @@ RUN_FILES = ("plan.json", "metrics.jsonl", "summary.json", "accuracy.png", "accu
              "partition.png", "run.log", "state/history.json")  # fmt: skip
 
 
+def simulate_cmd(bundle: Path, data: Path, fleet: Path, out: Path, rounds: int, *extra: str) -> list[str]:
+    """The command line of a four-client simulation with short rounds."""
+    return [str(BIN / "fftmoe-coordinator"), "simulate", "--bundle", str(bundle), "--data", str(data), "--out", str(out), "--clients", "4",
+            "--fleet", str(fleet), "--rounds", str(rounds), "--local-steps", "2", "--batch-size", "8", "--lr", "0.01",
+            "--min-partition-size", "5", "--parallel", "2", "--json", *extra]  # fmt: skip
+
+
 def simulate(bundle: Path, data: Path, fleet: Path, out: Path, rounds: int, *extra: str) -> dict:
-    cmd = [str(BIN / "fftmoe-coordinator"), "simulate", "--bundle", str(bundle), "--data", str(data), "--out", str(out), "--clients", "4",
-           "--fleet", str(fleet), "--rounds", str(rounds), "--local-steps", "2", "--batch-size", "8", "--lr", "0.01",
-           "--min-partition-size", "5", "--parallel", "2", "--json", *extra]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(simulate_cmd(bundle, data, fleet, out, rounds, *extra), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"simulate failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-5000:]}"
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def check_run(summary: dict, run: Path, manifest, method: str) -> None:  # noqa: ANN001
+    """A finished two-round, four-client run: every file, and per round each client's bytes up and down equal to its
+    tier's share computed from the shapes, metrics in range, memory per tier."""
+    assert summary["ok"] and summary["rounds"] == 2 and summary["clients"] == 4 and summary["method"] == method
+    for name in RUN_FILES if method.startswith("fftmoe") else [f for f in RUN_FILES if f != "expert-usage.png"]:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and "global_accuracy" in rows[0]
+    plan = json.loads((run / "plan.json").read_text())
+    tiers = {n["name"]: n["tier"] for n in plan["nodes"]}
+    for r in rows[1:]:
+        assert sorted(r["clients"]) == sorted(tiers) and r["tiers"] == tiers and r["method"] == method
+        for client, tier in tiers.items():
+            down, up = tier_bytes(manifest, tier)
+            assert (r["download_bytes"][client], r["upload_bytes"][client]) == (down, up)
+        assert 0 <= r["global_accuracy"] <= 1 and 0 <= r["personal_accuracy"] <= 1
+        assert 0 < r["expert_usage_entropy"] <= 1 if method.startswith("fftmoe") else r["expert_usage_entropy"] is None
+        assert set(r["tier_peak_rss_mb"]) == {"1", "2", "4"} and all(v > 0 for v in r["tier_peak_rss_mb"].values())
+    assert GlobalState.load(run / "state", manifest_id(manifest)).round == 2
+
+
+def test_lora_baselines_run_in_the_same_harness_and_compare(tiny_fedit: Path, tiny_hetlora: Path, tmp_path: Path) -> None:
+    """FedIT and HetLoRA through the same simulate command, edge runtime and coordinator, then one comparison."""
+    data = write_tiny_csv(tmp_path / "data.csv", 240, 0)
+    fleet = fixed_fleet(tmp_path / "fleet.json", [1, 2, 4])
+    runs = []
+    for name, bundle in (("fedit", tiny_fedit), ("hetlora", tiny_hetlora)):
+        run = tmp_path / name
+        check_run(simulate(bundle, data, fleet, run, 2, "--alpha", "0.5"), run, load_manifest(bundle), name)
+        runs.append(run)
+    res = subprocess.run([str(BIN / "fftmoe-coordinator"), "compare", *map(str, runs), "--plot", str(tmp_path / "cmp.png"), "--json"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert [s["method"] for s in json.loads(res.stdout)["runs"]] == ["fedit", "hetlora"]
 
 
 def test_simulate_four_clients_continue_and_compare(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -40,31 +80,13 @@ def test_simulate_four_clients_continue_and_compare(tiny_bundle: Path, tmp_path:
     data = write_tiny_csv(tmp_path / "data.csv", 240, 0)
     fleet = fixed_fleet(tmp_path / "fleet.json", [1, 2, 4])
     a = tmp_path / "dirichlet"
-    summary = simulate(tiny_bundle, data, fleet, a, 2, "--alpha", "0.5")
-    assert summary["ok"] and summary["rounds"] == 2 and summary["clients"] == 4 and summary["method"] == "fftmoe"
-    for name in RUN_FILES:
-        assert (a / name).is_file() and (a / name).stat().st_size > 0, name
-    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2] and "global_accuracy" in rows[0]
-    plan = json.loads((a / "plan.json").read_text())
-    tiers = {n["name"]: n["tier"] for n in plan["nodes"]}
-    for r in rows[1:]:
-        assert sorted(r["clients"]) == sorted(tiers) and r["tiers"] == tiers
-        for client, tier in tiers.items():
-            down, up = tier_bytes(manifest, tier)
-            assert (r["download_bytes"][client], r["upload_bytes"][client]) == (down, up)
-        assert 0 <= r["global_accuracy"] <= 1 and 0 <= r["personal_accuracy"] <= 1 and 0 < r["expert_usage_entropy"] <= 1
-        assert set(r["tier_peak_rss_mb"]) == {"1", "2", "4"} and all(v > 0 for v in r["tier_peak_rss_mb"].values())
-    assert GlobalState.load(a / "state", manifest_id(manifest)).round == 2
+    check_run(simulate(tiny_bundle, data, fleet, a, 2, "--alpha", "0.5"), a, manifest, "fftmoe")
 
     # Ctrl-C during a longer run: exit 130, nothing of it left running (Flower's SuperExec, the simulation process
     # and Ray's workers included), and the same command continues from the last completed round
     import psutil
 
-    cmd = [str(BIN / "fftmoe-coordinator"), "simulate", "--bundle", str(tiny_bundle), "--data", str(data), "--out", str(a), "--clients", "4",
-           "--fleet", str(fleet), "--rounds", "4", "--local-steps", "2", "--batch-size", "8", "--lr", "0.01", "--min-partition-size", "5",
-           "--parallel", "2", "--alpha", "0.5", "--json"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(simulate_cmd(tiny_bundle, data, fleet, a, 4, "--alpha", "0.5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     def cmdline(p: psutil.Process) -> str:
         try:
             return " ".join(p.cmdline())

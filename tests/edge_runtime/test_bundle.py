@@ -104,3 +104,34 @@ def test_training_api_imports_without_torch(tiny_bundle: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_fftmoe_manifests_are_written_as_before_the_lora_baselines(tiny_bundle: Path) -> None:
+    """No method or LoRA fields in an FFT-MoE manifest, so its manifest id (and resumable run state) is unchanged."""
+    d = load_manifest(tiny_bundle).to_dict()
+    assert "method" not in d and "lora" not in d and "rank" not in d["tiers"]["2"]
+    assert load_manifest(tiny_bundle).method == "fftmoe"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(method="lora"), "'method' must be one of fftmoe, fedit, hetlora"),
+        (lambda d: d.pop("lora"), "'lora' is missing"),
+        (lambda d: d["lora"].update(target_modules=[]), "'lora.target_modules' must be a non-empty list"),
+        (lambda d: d["tiers"]["4"].update(rank=9), "'tiers.4.rank' is 9, more than lora.max_rank=8"),
+        (lambda d: d["tiers"]["2"]["lora_params"][0].update(shape=[3, 32]), "does not fit rank 4"),
+        (lambda d: d["tiers"]["2"].update(lora_params=[]), "'tiers.2.lora_params' is empty"),
+    ],
+)
+def test_malformed_lora_manifest_names_the_field(tiny_hetlora: Path, tmp_path: Path, change, message: str) -> None:
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_hetlora, copy)
+    manifest = load_manifest(copy)
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    _edit(copy, change)
+    with pytest.raises(ManifestError, match="manifest.json") as info:
+        load_manifest(copy)
+    assert message in str(info.value)

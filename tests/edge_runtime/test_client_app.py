@@ -98,3 +98,19 @@ def test_a_damaged_download_is_discarded_and_named(tiny_bundle: Path, tmp_path: 
     with pytest.raises(IntegrityError, match=f"received {target.path}: sha256"):
         write_chunks(folder, mid, [{"path": target.path, "offset": 0, "key": "c"}], {"c": payload[:-1] + bytes([payload[-1] ^ 1])})
     assert not (folder / target.path).exists() and not (folder / (target.path + ".part")).exists()
+
+
+def test_peak_memory_window_starts_at_each_message() -> None:
+    """A worker that once held 300 MB more reports, after a reset, the peak of the new window, not its lifetime peak."""
+    import numpy as np
+
+    from edge_runtime.client_app import _memory, reset_peak_rss
+    from edge_runtime.measure import peak_rss_mb
+
+    big = np.ones(300 * 2**20 // 8)  # 300 MB, touched
+    lifetime = peak_rss_mb()
+    del big
+    assert reset_peak_rss(), "Linux allows a process to reset its own VmHWM"
+    window = _memory(True)
+    assert window["peak_scope"] == 1.0 and window["peak_rss_mb"] < lifetime - 200, (window, lifetime)
+    assert _memory(False)["peak_scope"] == 0.0 and _memory(False)["peak_rss_mb"] >= window["rss_mb"] - 1

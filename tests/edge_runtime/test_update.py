@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,28 @@ def test_damaged_update_file(tmp_path: Path, tiny_bundle: Path) -> None:
     with pytest.raises(UpdateError, match="layer 1"):
         check_assignment(manifest, 2, [[0, 1], [0, 9]])
     assert len(manifest_id(manifest)) == 16
+
+
+def test_lora_update_round_trips_at_the_tier_rank_and_wrong_ranks_are_refused(tiny_hetlora: Path, tmp_path: Path) -> None:
+    from edge_runtime.bundle import global_lora_key
+    from edge_runtime.update import default_assignment
+
+    manifest = load_manifest(tiny_hetlora)
+    pool = load_file(str(tiny_hetlora / manifest.global_pool.path))
+    assignment = default_assignment(manifest, 2)
+    assert assignment == [[0], [0]]
+    values = tier_values_from_pool(manifest, 2, pool, assignment)
+    counts = np.full((manifest.num_layers, 1), 7.0, np.float32)
+    upd = Update.from_tier_values(manifest, 2, assignment, values, 12, counts, counts, {"train_loss": 1.0})
+    upd.validate(manifest, assignment)
+    p = manifest.tier(2).lora_params[0]
+    assert upd.tensors[global_lora_key(p.module, p.matrix)].shape == p.shape
+    back = Update.load(upd.save(tmp_path / "u.safetensors")).validate(manifest)
+    assert all(np.array_equal(back.tier_values(manifest)[k], v) for k, v in values.items())
+    # a tier-2 device that sends its adapter at another rank (here the tier-4 rank) is refused by name
+    key = global_lora_key(p.module, p.matrix)
+    upd.tensors[key] = np.zeros((8, p.shape[1]) if p.matrix == "A" else (p.shape[0], 8), np.float32)
+    with pytest.raises(UpdateError, match=re.escape(key) + ".*" + re.escape(f"expected {list(p.shape)}")):
+        upd.validate(manifest)
+    with pytest.raises(UpdateError, match="must name 1 distinct experts"):
+        check_assignment(manifest, 2, [[0, 1], [0, 1]])
