@@ -40,7 +40,7 @@ def import_child(kind: str) -> None:
     print(json.dumps({"import_s": time.perf_counter() - start, "rss_mb": current_rss_mb(), "torch_loaded": "torch" in sys.modules}))
 
 
-def train_child(bundle: Path, data: Path, backend: str, slots: int, batch: int, steps: int, threads: int) -> None:
+def train_child(bundle: Path, data: Path, backend: str, slots: int, batch: int, steps: int, threads: int, seq_len: int = 0) -> None:
     """Child: open a TierSession on ``backend`` and train ``steps`` steps on real batches; print step time and RSS."""
     from safetensors.numpy import load_file
 
@@ -52,7 +52,7 @@ def train_child(bundle: Path, data: Path, backend: str, slots: int, batch: int, 
 
     manifest = load_manifest(bundle)
     examples = load_examples(data, DataSpec(AG_NEWS["text_columns"], "label", AG_NEWS["label_map"]), manifest.labels)
-    encoded = encode_examples(examples, TextEncoder(bundle / "tokenizer", manifest.max_seq_len))
+    encoded = encode_examples(examples, TextEncoder(bundle / "tokenizer", seq_len or manifest.max_seq_len))
     session = TierSession(bundle, manifest, slots, backend, threads, verify=False)
     session.load(load_file(str(bundle / manifest.global_pool.path)), default_assignment(manifest, slots))
     load_rss = current_rss_mb()
@@ -77,6 +77,7 @@ def main(
     steps: int = typer.Option(10, help="Timed steps per child (median reported; one warm-up step before)."),
     threads: int = typer.Option(2, help="Threads for both backends."),
     repeats: int = typer.Option(2, help="ORT/PyTorch child pairs per tier."),
+    seq_len: int = typer.Option(0, help="Tokens per row (0: the bundle's maximum)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     child: str = typer.Option(None, hidden=True),
 ) -> None:
@@ -84,7 +85,7 @@ def main(
         kind, *rest = child.split(":")
         if kind == "import":
             return import_child(rest[0])
-        return train_child(bundle, data, rest[0], int(rest[1]), batch, steps, threads)
+        return train_child(bundle, data, rest[0], int(rest[1]), batch, steps, threads, seq_len)
     imports = {k: [run_child([__file__, "--bundle", str(bundle), "--data", str(data), "--child", f"import:{k}"], threads)
                    for _ in range(repeats)] for k in ("stock", "fftmoe")}  # fmt: skip
     rows = []

@@ -429,6 +429,11 @@ def export(
         Console().print(f"wrote {out}/model.onnx: the global model after round {state.round}", highlight=False)
 
 
+from coordinator.reference import EPILOG as REFERENCE_EPILOG, reference_command  # noqa: E402
+
+app.command("reference", epilog=REFERENCE_EPILOG)(reference_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="fftmoe-coordinator")
