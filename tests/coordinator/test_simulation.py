@@ -34,7 +34,7 @@ def simulate_cmd(bundle: Path, data: Path, fleet: Path, out: Path, rounds: int, 
 
 
 def simulate(bundle: Path, data: Path, fleet: Path, out: Path, rounds: int, *extra: str) -> dict:
-    res = subprocess.run(simulate_cmd(bundle, data, fleet, out, rounds, *extra), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(simulate_cmd(bundle, data, fleet, out, rounds, *extra), capture_output=True, text=True, timeout=1200)  # a deadline against hangs, not a speed check
     assert res.returncode == 0, f"simulate failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-5000:]}"
     return json.loads(res.stdout.strip().splitlines()[-1])
 
