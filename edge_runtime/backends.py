@@ -174,25 +174,13 @@ def model_from_bundle(bundle_dir: Path, manifest: Manifest, slots: int | None) -
     weights must hash to the manifest's ``model.sha256``); the adapters are not filled yet."""
     if not manifest.encoder_files:
         raise BundleError(f"{bundle_dir}: the bundle has no encoder/ folder, which PyTorch needs; re-export it with this fftmoe")
-    from exporter.config import MoEAdapterConfig
-    from exporter.model import SUPPORTED, FFTMoEModel, load_encoder, weights_sha256
+    from exporter.model import build_model, load_encoder, weights_sha256
 
     encoder_dir = Path(bundle_dir) / Path(manifest.encoder_files[0].path).parts[0]
     encoder, _, _, _ = load_encoder(str(encoder_dir))
     if weights_sha256(encoder) != manifest.model.sha256:
         raise BundleError(f"{encoder_dir}: the encoder's weights differ from the manifest's model.sha256")
-    arch = SUPPORTED[manifest.model.model_type]
-    if manifest.is_lora:
-        from exporter.lora import LoraModel, lora_config_from_manifest
-
-        lora = lora_config_from_manifest(manifest)
-        rank = lora.max_rank if slots is None else int(manifest.tier(slots).rank or lora.max_rank)
-        return LoraModel(encoder, arch, lora, rank, len(manifest.labels))
-    config = MoEAdapterConfig(
-        num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
-        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
-    )  # fmt: skip
-    return FFTMoEModel(encoder, arch, config, manifest.num_experts if slots is None else slots, len(manifest.labels))
+    return build_model(encoder, manifest, slots)
 
 
 class TorchBackend:

@@ -204,20 +204,21 @@ class Update:
     # -- validation --------------------------------------------------------------------------------------------
 
     def expected_shapes(self, manifest: Manifest) -> dict[str, tuple[int, ...]]:
-        d, r, t, n_layers = manifest.hidden_size, manifest.expert_dim, self.tier, manifest.num_layers
-        shapes = {"w1": (d, r), "b1": (r,), "w2": (r, d), "b2": (d,)}
+        d, r, n_layers = manifest.hidden_size, manifest.expert_dim, manifest.num_layers
+        t = manifest.route_width(self.tier)  # slots of an MoE tier; 1 for LoRA: the adapter every token uses
         out: dict[str, tuple[int, ...]] = {}
         if manifest.is_lora:
-            for p in manifest.tier(t).lora_params:
+            for p in manifest.tier(self.tier).lora_params:
                 out[global_lora_key(p.module, p.matrix)] = tuple(p.shape)
-            t = 1  # one routing "slot": the adapter every token uses
-        for layer, ids in enumerate(self.assignment if not manifest.is_lora else []):
-            for e in ids:
-                for tensor in EXPERT_TENSORS:
-                    out[global_expert_key(layer, e, tensor)] = shapes[tensor]
-            if t > 1:
-                out[router_rows_key(layer, "weight")] = (t, d)
-                out[router_rows_key(layer, "bias")] = (t,)
+        else:
+            shapes = {"w1": (d, r), "b1": (r,), "w2": (r, d), "b2": (d,)}
+            for layer, ids in enumerate(self.assignment):
+                for e in ids:
+                    for tensor in EXPERT_TENSORS:
+                        out[global_expert_key(layer, e, tensor)] = shapes[tensor]
+                if t > 1:
+                    out[router_rows_key(layer, "weight")] = (t, d)
+                    out[router_rows_key(layer, "bias")] = (t,)
         out[global_head_key("weight")] = (len(manifest.labels), d)
         out[global_head_key("bias")] = (len(manifest.labels),)
         out["stats.route_counts"] = (n_layers, t)

@@ -16,16 +16,8 @@ from safetensors.numpy import load_file
 
 from edge_runtime.bundle import Manifest, load_manifest
 from edge_runtime.ort_backend import OrtTierSession
-from exporter.config import MoEAdapterConfig
-from exporter.model import SUPPORTED, AdaptedEncoder, FFTMoEModel, load_encoder
+from exporter.model import AdaptedEncoder, build_model, load_encoder
 from exporter.onnx_export import example_inputs
-
-
-def adapter_config(manifest: Manifest) -> MoEAdapterConfig:
-    return MoEAdapterConfig(
-        num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
-        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
-    )  # fmt: skip
 
 
 def tier_files(bundle_dir: Path, manifest: Manifest, slots: int) -> dict[str, Path]:
@@ -42,13 +34,7 @@ def torch_model(bundle_dir: Path, manifest: Manifest, slots: int, encoder: torch
         encoder, _, _, _ = load_encoder(manifest.model.source)
     else:
         encoder = copy.deepcopy(encoder)
-    arch = SUPPORTED[manifest.model.model_type]
-    if manifest.is_lora:
-        from exporter.lora import LoraModel, lora_config_from_manifest
-
-        model: AdaptedEncoder = LoraModel(encoder, arch, lora_config_from_manifest(manifest), int(manifest.tier(slots).rank or 0), len(manifest.labels))
-    else:
-        model = FFTMoEModel(encoder, arch, adapter_config(manifest), slots, len(manifest.labels))
+    model = build_model(encoder, manifest, slots)
     model.load_global(load_file(str(bundle_dir / manifest.global_pool.path)))
     return model
 

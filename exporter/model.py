@@ -19,6 +19,7 @@ from torch import nn
 
 from edge_runtime.bundle import (
     EXPERT_TENSORS,
+    Manifest,
     HEAD_TENSORS,
     ROUTER_TENSORS,
     NamedParam,
@@ -168,6 +169,8 @@ class AdaptedEncoder(nn.Module):
     """
 
     route_width: int = 1
+    top_k: int = 1
+    """Slots chosen per token (the MoE tier's k; 1 for LoRA's single slot): the ``f_j`` normaliser of L_bal."""
 
     def __init__(self, encoder: nn.Module, arch: Architecture, num_labels: int) -> None:
         super().__init__()
@@ -209,10 +212,9 @@ class AdaptedEncoder(nn.Module):
         *model_inputs, labels, routing_target = inputs
         logits, token_mask = self.logits(*model_inputs)
         ce = nn.functional.cross_entropy(logits, labels)
-        top_k = getattr(self, "top_k", 1)
         balances, heteros, counts, prob_sums = [], [], [], []
         for i, (probs, selected) in enumerate(self.routing(token_mask)):
-            bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], top_k)
+            bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], self.top_k)
             balances.append(bal)
             heteros.append(het)
             counts.append(cnt)
@@ -309,6 +311,23 @@ class FFTMoEModel(AdaptedEncoder):
                 getattr(layer.moe.router, t).copy_(torch.from_numpy(np.ascontiguousarray(rows)))
         for t in HEAD_TENSORS:
             getattr(self.head, t).copy_(torch.from_numpy(pool[global_head_key(t)]))
+
+
+def build_model(encoder: nn.Module, manifest: Manifest, slots: int | None) -> AdaptedEncoder:
+    """The model a bundle describes, around ``encoder`` (used, not copied): one tier's (``slots``), or with None the
+    global one (all M experts and the M-row routers; for a LoRA baseline the largest rank). Adapters not filled."""
+    arch = SUPPORTED[manifest.model.model_type]
+    if manifest.is_lora:
+        from exporter.lora import LoraModel, lora_config_from_manifest
+
+        lora = lora_config_from_manifest(manifest)
+        rank = lora.max_rank if slots is None else lora.ranks[slots]
+        return LoraModel(encoder, arch, lora, rank, len(manifest.labels))
+    config = MoEAdapterConfig(
+        num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
+        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
+    )  # fmt: skip
+    return FFTMoEModel(encoder, arch, config, manifest.num_experts if slots is None else slots, len(manifest.labels))
 
 
 def init_global_pool(

@@ -121,18 +121,8 @@ LORA_MODULES = {"enc.q": (3, 5), "enc.ffn": (5, 3)}  # module -> (in, out)
 RMAX = 4
 
 
-def lora_pool(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    pool = {}
-    for m, (i, o) in LORA_MODULES.items():
-        pool[f"lora.{m}.A"] = rng.normal(size=(RMAX, i)).astype(np.float32)
-        pool[f"lora.{m}.B"] = rng.normal(size=(o, RMAX)).astype(np.float32)
-    pool["head.weight"] = rng.normal(size=(C, D)).astype(np.float32)
-    pool["head.bias"] = rng.normal(size=(C,)).astype(np.float32)
-    return pool
-
-
-def lora_update(rank: int, examples: int, seed: int) -> Update:
+def lora_tensors(rank: int, seed: int) -> dict[str, np.ndarray]:
+    """Random A [rank, in] and B [out, rank] of every module, and a head."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for m, (i, o) in LORA_MODULES.items():
@@ -140,6 +130,15 @@ def lora_update(rank: int, examples: int, seed: int) -> Update:
         tensors[f"lora.{m}.B"] = rng.normal(size=(o, rank)).astype(np.float32)
     tensors["head.weight"] = rng.normal(size=(C, D)).astype(np.float32)
     tensors["head.bias"] = rng.normal(size=(C,)).astype(np.float32)
+    return tensors
+
+
+def lora_pool(seed: int = 0) -> dict[str, np.ndarray]:
+    return lora_tensors(RMAX, seed)
+
+
+def lora_update(rank: int, examples: int, seed: int) -> Update:
+    tensors = lora_tensors(rank, seed)
     tensors["stats.route_counts"] = np.ones((L, 1), np.float32)
     tensors["stats.route_prob_sum"] = np.ones((L, 1), np.float32)
     return Update("0" * 16, rank, [[0]] * L, examples, tensors)
