@@ -98,11 +98,10 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh, delimiter="," if kind == "csv" else "\t")
             try:
-                header = next(reader)
-            except StopIteration:
-                raise DataError(f"{path}: empty file (no header row)") from None
-            start = reader.line_num + 1
-            try:
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: empty file (no header row)")
+                start = reader.line_num + 1
                 for values in reader:
                     where = f"{path}:{start}"
                     start = reader.line_num + 1
@@ -118,15 +117,19 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
     elif kind == "jsonl":
         with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"{path}:{n}", f"not JSON ({exc.msg})"
-                    continue
-                yield f"{path}:{n}", row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+            n = 0
+            try:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield f"{path}:{n}", f"not JSON ({exc.msg})"
+                        continue
+                    yield f"{path}:{n}", row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: after line {n}: not UTF-8 text ({exc})") from exc
     else:
         try:
             import pyarrow.parquet as pq

@@ -134,6 +134,14 @@ def tier_values_from_global(
     return out
 
 
+def _finite(v: int | float) -> bool:
+    """A metric usable as a float: finite, and (for an int) not too large to convert."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 @dataclass
 class Update:
     """What one device sends back after a training session on its tier."""
@@ -259,7 +267,7 @@ class Update:
         if (self.route_counts < 0).any() or (self.route_prob_sum < 0).any():
             raise UpdateError("update routing statistics must be >= 0")
         for k, v in self.metrics.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not _finite(v):
                 raise UpdateError(f"update metric {k!r} must be a finite number, got {v!r}")
         return self
 
@@ -288,7 +296,11 @@ class Update:
             raise UpdateError(f"{path}: not a readable update file ({exc})") from exc
         if meta_raw is None:
             raise UpdateError(f"{path}: no 'fftmoe_update' metadata; not an fftmoe update")
-        return cls.from_parts(json.loads(meta_raw), tensors, where=str(path))
+        try:
+            meta = json.loads(meta_raw)
+        except json.JSONDecodeError as exc:
+            raise UpdateError(f"{path}: 'fftmoe_update' metadata is not valid JSON ({exc})") from exc
+        return cls.from_parts(meta, tensors, where=str(path))
 
     @classmethod
     def from_parts(cls, meta: Any, tensors: dict[str, np.ndarray], where: str = "update") -> Update:
@@ -305,5 +317,5 @@ class Update:
                 format=str(meta["format"]),
                 format_version=int(meta["format_version"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise UpdateError(f"{where}: metadata field missing or malformed: {exc}") from exc
