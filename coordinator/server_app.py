@@ -32,7 +32,7 @@ import numpy as np
 
 from coordinator.merge import WEIGHTINGS
 from coordinator.plan import sample_nodes
-from coordinator.rounds import Screened, apply_round, plan_round, screen_replies
+from coordinator.rounds import NORM_ACTIONS, Screened, apply_round, plan_round, screen_replies, seen_digests
 from coordinator.state import LATEST, GlobalState
 from edge_runtime.bundle import Manifest, load_manifest, verify_files
 from edge_runtime.records import (
@@ -91,6 +91,10 @@ class RunSettings:
     max_seq_len: int = 0
     """Token limit per row on the devices; 0: the bundle's maximum (--max-seq-len)."""
     weighting: str = "examples"
+    max_update_norm: float = 0.0
+    """Bound on the L2 norm of each expert's (router's, LoRA module's, head's) change per round; 0: none (--max-update-norm)."""
+    norm_action: str = "clip"
+    """What an update over the bound gets: clip (scaled down to the bound) or reject (left out) (--norm-action)."""
     eval_every: int = 1
     """Federated and centralised evaluation every this many rounds, and after the last; 0: never (--eval-every)."""
     eval_data: str = ""
@@ -132,6 +136,8 @@ class RunSettings:
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
             (self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}"),
             (self.eval_every >= 0 and self.max_failed_rounds >= 1 and self.chunk_mb >= 1, "--eval-every must be >= 0"),
+            (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0, f"--max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}"),
+            (self.norm_action in NORM_ACTIONS, f"--norm-action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -328,7 +334,7 @@ class FFTMoEStrategy:
                 parsed[node] = update_from_record(reply.content, f"reply of node {node}")
             except MessageError as exc:
                 parsed[node] = f"malformed reply: {exc}"
-        screened = screen_replies(self.manifest, sent, parsed)
+        screened = screen_replies(self.manifest, sent, parsed, self.settings.max_update_norm, self.settings.norm_action, seen_digests(state))
         if len(screened.accepted) < self.settings.min_clients:
             return None, screened
         accepted = screened.accepted

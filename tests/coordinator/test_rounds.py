@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
-from coordinator.rounds import apply_round, plan_round, screen_replies
+from coordinator.rounds import apply_round, plan_round, screen_replies, seen_digests
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
 from edge_runtime.update import Update, manifest_id
@@ -58,3 +60,61 @@ def test_round_merges_exactly_the_valid_replies(tiny_bundle: Path) -> None:
     second = plan_round(new, manifest, {10: 2, 13: 4}, {"epochs": 1})
     assert second[10].round == 2
     assert sorted(set(second[10].assignment[0]) | set(second[13].assignment[0])) == [0, 1, 2, 3]
+
+
+def _first_round(tiny_bundle: Path):  # noqa: ANN202
+    manifest = load_manifest(tiny_bundle)
+    pool = load_file(str(tiny_bundle / manifest.global_pool.path))
+    state = GlobalState.initial(manifest_id(manifest), pool, manifest.num_layers, manifest.num_experts)
+    return manifest, state, plan_round(state, manifest, {10: 2, 11: 2, 12: 4}, {"epochs": 1})
+
+
+def test_norm_bound_clips_each_unit_against_numpy(tiny_bundle: Path) -> None:
+    manifest, state, sent = _first_round(tiny_bundle)
+    big = trained(sent[10], 10, 1)
+    expert = "layers.1.experts.0"  # node 10 holds experts 0 and 1 in the first round
+    for t in ("w1", "b1", "w2", "b2"):
+        big.tensors[f"{expert}.{t}"] = sent[10].values[f"{expert}.{t}"] + 50.0  # a far larger change than the rest
+    replies = {10: (big, 1), 11: (trained(sent[11], 10, 2), 1)}
+    bound = 5.0
+    screened = screen_replies(manifest, sent, replies, max_norm=bound, norm_action="clip")
+    assert sorted(screened.accepted) == [10, 11] and list(screened.clipped[10]) == [expert]
+    # The reference: every unit's change, measured and scaled directly.
+    delta = np.concatenate([(big.tensors[f"{expert}.{t}"].astype(np.float64) - sent[10].values[f"{expert}.{t}"]).ravel() for t in ("w1", "b1", "w2", "b2")])
+    assert screened.clipped[10][expert] == pytest.approx(np.linalg.norm(delta))
+    for t in ("w1", "b1", "w2", "b2"):
+        key = f"{expert}.{t}"
+        want = sent[10].values[key] + (bound / np.linalg.norm(delta)) * (big.tensors[key].astype(np.float64) - sent[10].values[key])
+        np.testing.assert_allclose(screened.accepted[10].tensors[key], want, rtol=1e-6, atol=1e-6)
+    clipped_delta = np.concatenate([(screened.accepted[10].tensors[f"{expert}.{t}"].astype(np.float64) - sent[10].values[f"{expert}.{t}"]).ravel() for t in ("w1", "b1", "w2", "b2")])
+    assert np.linalg.norm(clipped_delta) == pytest.approx(bound, rel=1e-5)
+    other = "layers.1.experts.1.w1"  # within the bound: untouched, bit for bit
+    np.testing.assert_array_equal(screened.accepted[10].tensors[other], big.tensors[other])
+    assert screened.accepted[11] is replies[11][0]
+
+    new = apply_round(state, manifest, screened)
+    assert new.history[-1]["clipped"] == {"10": {expert: pytest.approx(np.linalg.norm(delta))}}
+
+    rejected = screen_replies(manifest, sent, replies, max_norm=bound, norm_action="reject")
+    assert sorted(rejected.accepted) == [11] and f"e.g. {expert} by" in rejected.rejected[10] and "--max-update-norm 5" in rejected.rejected[10]
+    with pytest.raises(ValueError, match="norm_action"):
+        screen_replies(manifest, sent, replies, max_norm=bound, norm_action="drop")
+
+
+def test_replayed_updates_are_refused_in_the_round_and_after(tiny_bundle: Path) -> None:
+    manifest, state, sent = _first_round(tiny_bundle)
+    sent[11] = replace(sent[10])  # two nodes given the same experts, as happens in later rounds
+    a = trained(sent[10], 10, 1)
+    copy = Update(a.manifest_id, a.tier, [list(ids) for ids in a.assignment], a.num_examples, {k: v.copy() for k, v in a.tensors.items()})
+    screened = screen_replies(manifest, sent, {10: (a, 1), 11: (copy, 1), 12: (trained(sent[12], 10, 3), 1)})
+    assert sorted(screened.accepted) == [10, 12] and "replayed update" in screened.rejected[11]
+    new = apply_round(state, manifest, screened)
+    assert set(new.history[-1]["digests"]) == {"10", "12"} and seen_digests(new) == set(screened.digests.values())
+
+    # Next round: node 10's old update again, under the new round number (the round field is not signed).
+    again = plan_round(new, manifest, {10: 2, 12: 4}, {"epochs": 1})
+    again[10] = replace(again[10], assignment=a.assignment)  # the same experts, so only the replay check can refuse it
+    later = screen_replies(manifest, again, {10: (a, 2), 12: (trained(again[12], 10, 4), 2)}, seen=seen_digests(new))
+    assert "replayed update" in later.rejected[10] and sorted(later.accepted) == [12]
+    fresh = screen_replies(manifest, again, {10: (trained(again[10], 10, 5), 2)}, seen=seen_digests(new))
+    assert sorted(fresh.accepted) == [10]

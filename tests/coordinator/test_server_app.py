@@ -24,7 +24,9 @@ def test_run_settings_name_the_bad_flag(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown run config key\(s\) \['rouns'\]"):
         RunSettings.from_run_config({"bundle": "b", "state-dir": "s", "rouns": 4})
     for kwargs, flag in (({"rounds": 0}, "--rounds"), ({"fraction": 1.5}, "--fraction"), ({"weighting": "mean"}, "--weighting"),
-                         ({"lr": float("nan")}, "--lr"), ({"min_clients": 0}, "--min-clients")):  # fmt: skip
+                         ({"lr": float("nan")}, "--lr"), ({"min_clients": 0}, "--min-clients"),
+                         ({"max_update_norm": -1.0}, "--max-update-norm"), ({"max_update_norm": float("inf")}, "--max-update-norm"),
+                         ({"norm_action": "drop"}, "--norm-action")):  # fmt: skip
         with pytest.raises(ValueError, match=flag):
             RunSettings(bundle="b", state_dir="s", **kwargs)
 
@@ -68,3 +70,15 @@ def test_aggregate_merges_valid_replies_and_refuses_a_short_round(tiny_bundle: P
     assert none is None and sorted(short.rejected) == [2, 3]
     line = round_line({**entry, "seconds": 12.0, "federated": {"accuracy": 0.5, "loss": 1.0}}, 5, 3)
     assert line.startswith("round 1/5: 2/3 node(s) merged, 1 rejected") and "federated accuracy 0.5000" in line
+
+
+def test_run_settings_survive_the_flower_app_config(tmp_path: Path) -> None:
+    """What serve/simulate set reaches the ServerApp unchanged through the app's pyproject.toml (every field)."""
+    import tomllib
+
+    from coordinator.deploy import write_app
+
+    s = RunSettings(bundle="b", state_dir="s", max_update_norm=2.5, norm_action="reject", weighting="tokens", eval_every=5)
+    app = write_app(tmp_path, s)
+    config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunSettings.from_run_config(config) == s
