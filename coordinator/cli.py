@@ -83,6 +83,8 @@ def serve(
     seed: int = typer.Option(0, help="Seed of node sampling and of the devices' data order."),
     max_seq_len: int = typer.Option(0, help="Token limit per row on the devices (0: the bundle's maximum)."),
     weighting: str = typer.Option("examples", help="Merge weights: examples (each device's examples this round) or tokens (tokens it routed to the expert)."),
+    max_update_norm: float = typer.Option(0.0, help="Robustness: bound on the L2 norm of each expert's (router's, LoRA module's, head's) change in one update (0: no bound)."),
+    norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip (scale the change down to the bound) or reject (leave the update out)."),
     eval_every: int = typer.Option(1, help="Federated evaluation on the devices' held-out data (and central evaluation with --eval-data) every N rounds and after the last (0: never)."),
     eval_data: Optional[Path] = typer.Option(None, help="Data file on this host for centralised evaluation of the global model (needs torch: the export extra)."),
     eval_text_column: list[str] = typer.Option(["text"], help="Text column(s) of --eval-data."),
@@ -127,7 +129,7 @@ def serve(
             bundle=str(bundle.resolve()), state_dir=str(state_dir.resolve()), rounds=rounds, min_clients=min_clients, fraction=fraction,
             wait_seconds=wait_seconds, round_timeout=round_timeout, max_failed_rounds=max_failed_rounds, epochs=local_epochs,
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
-            eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
+            max_update_norm=max_update_norm, norm_action=norm_action, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
         )  # fmt: skip
     except BundleError as exc:
@@ -209,6 +211,8 @@ def simulate(
     max_seq_len: int = typer.Option(0, help="Token limit per row (0: the bundle's maximum)."),
     eval_every: int = typer.Option(1, help="Evaluate (global and personalised) every N rounds and after the last; evaluation is about a third of a round's time."),
     weighting: str = typer.Option("examples", help="Merge weights: examples or tokens."),
+    max_update_norm: float = typer.Option(0.0, help="Bound on the L2 norm of each expert's change in one update (0: no bound)."),
+    norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip or reject."),
     seed: int = typer.Option(0, help="Seed of the hold-out, partition, fleet order, sampling and data order."),
     parallel: int = typer.Option(0, help="Clients training at once (0: this machine's cores); each uses one thread."),
     verbose: bool = typer.Option(False, "--verbose", help="Echo the whole run log (it is always in OUT/run.log)."),
@@ -221,7 +225,9 @@ def simulate(
     Running the same command again continues a stopped run from its last completed round. Writes OUT/metrics.jsonl,
     OUT/summary.json and plots (accuracy.png, accuracy-vs-upload.png, expert-usage.png, memory.png, partition.png).
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    from edge_runtime.console import progress_bar
 
     from coordinator import deploy
     from coordinator.report import ReportError, write_report
@@ -233,7 +239,8 @@ def simulate(
     try:
         manifest = load_manifest(bundle)
         run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
-               "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting}  # fmt: skip
+               "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting,
+               "max_update_norm": max_update_norm, "norm_action": norm_action}  # fmt: skip
         settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
                                min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,
                                text_columns=tuple(text_column), label_column=label_column, label_map=label_map or "", seed=seed,
@@ -261,8 +268,8 @@ def simulate(
         import re
 
         pattern = re.compile(r"round (\d+)/(\d+): ")
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-                            TimeElapsedColumn(), console=err, disable=json_out or verbose, transient=False)  # fmt: skip
+        progress = progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                                TimeElapsedColumn(), console=err, disable=json_out or verbose, transient=False)  # fmt: skip
 
         with progress:
             task = progress.add_task("federated rounds", total=rounds, completed=done)
@@ -272,7 +279,7 @@ def simulate(
                     sys.stderr.write(line)
                 m = pattern.search(line)
                 if m and "merged" in line:
-                    progress.update(task, completed=int(m.group(1)), description=line.split("INFO :", 1)[-1].strip()[:90])
+                    progress.update(task, completed=int(m.group(1)), description=line.split("INFO :", 1)[-1].strip()[:90], refresh=True)
 
             for attempt in (1, 2):
                 log_start = (out / "run.log").stat().st_size if (out / "run.log").is_file() else 0

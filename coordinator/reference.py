@@ -169,10 +169,12 @@ def _check(conditions: list[tuple[bool, str]]) -> None:
 
 def _progress(enabled: bool) -> Any:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)  # fmt: skip
+    from edge_runtime.console import progress_bar
+
+    return progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=Console(stderr=True), disable=not enabled, transient=False)  # fmt: skip
 
 
 def _write(run_dir: Path, kind: str, result: dict[str, Any]) -> Path:
