@@ -83,7 +83,7 @@ class TierBackend(Protocol):
     def export_inference(self, path: Path) -> None: ...
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc keeps it resident otherwise); a no-op elsewhere."""
     try:
         import ctypes
@@ -165,7 +165,7 @@ class OrtBackend:
         """Drop the sessions and the state, and return the freed memory to the OS now."""
         self.session = None  # type: ignore[assignment]
         gc.collect()
-        _trim_heap()
+        trim_heap()
 
 
 def model_from_bundle(bundle_dir: Path, manifest: Manifest, slots: int | None) -> Any:

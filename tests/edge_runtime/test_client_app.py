@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from coordinator.rounds import plan_round
 from coordinator.state import GlobalState
 from edge_runtime.bundle import IntegrityError, load_manifest
-from edge_runtime.client_app import NodeSettings, _run, bundle_dir_for, missing_files, needed_files
+from edge_runtime.client_app import _CACHE, NodeSettings, _run, bundle_dir_for, missing_files, needed_files
 from edge_runtime.records import instruction_to_record, metrics_from_record, update_from_record
 from edge_runtime.update import manifest_id
 from tests.conftest import write_tiny_csv
@@ -58,6 +58,14 @@ def test_train_and_evaluate_messages_on_the_tiny_bundle(tiny_bundle: Path, tmp_p
         np.testing.assert_array_equal(again.tensors[k], update.tensors[k])
     metrics2, _ = metrics_from_record(_run(instruction_to_record(ins), node, training=False))  # the reused eval session
     assert metrics2["accuracy"] == metrics["accuracy"] and metrics2["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+    # at most one cached evaluation session (the last tier's), and none once a train message comes
+    eval_keys = lambda: [k for k in _CACHE if isinstance(k, tuple) and k[0] == "eval-session"]  # noqa: E731
+    assert [k[3] for k in eval_keys()] == [2]
+    ins4 = plan_round(state, manifest, {7: 4}, {"epochs": 1, "batch_size": 4, "max_steps": 1})[7]
+    metrics_from_record(_run(instruction_to_record(ins4), node, training=False))
+    assert [k[3] for k in eval_keys()] == [4]
+    _run(instruction_to_record(ins), node, training=True)
+    assert eval_keys() == []
 
 
 def test_a_virtual_node_reads_its_settings_from_the_simulation_plan(tmp_path: Path) -> None:
