@@ -330,10 +330,12 @@ def train(
             state = train_local(session, bundle, out, train_enc, eval_enc, config, resume, save_every,
                                 should_stop=lambda: stop["requested"])  # fmt: skip
         else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                          TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False) as bar:  # fmt: skip
+            from edge_runtime.console import progress_bar
+
+            with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                              TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False) as bar:  # fmt: skip
                 tasks: dict[int, int] = {}
 
                 def on_step(r) -> None:
@@ -528,7 +530,7 @@ def join(
     port = local_port or free_port()
     home = home or cache_dir / f"supernode-{port}"
     cmd = supernode_command(server, node.to_node_config(), port, root_certificates.resolve() if root_certificates else None,
-                            auth_key.resolve() if auth_key else None)  # fmt: skip
+                            auth_key.resolve() if auth_key else None, max_wait=retry_seconds)  # fmt: skip
     if json_out:
         print(json.dumps({**info, "tier": tier_n, "batch_size": batch_size, "server": server, "home": str(home)}))
     else:
@@ -552,11 +554,17 @@ def join(
         while True:
             started = time.monotonic()
             env = flower_env(home)  # also creates the folder
-            with open(home / "supernode.log", "ab") as log_file:
+            log_path = home / "supernode.log"
+            log_start = log_path.stat().st_size if log_path.exists() else 0
+            with open(log_path, "ab") as log_file:
                 proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
                 code = proc.wait()
             if stopping["flag"]:
                 break
+            with open(log_path, "rb") as log_file:
+                log_file.seek(log_start)
+                if b"Giving up reconnection" in log_file.read():  # Flower's own retries (--max-wait-time) ran out
+                    break
             if time.monotonic() - started > 60:  # it had been connected: a fresh retry window
                 deadline = time.monotonic() + retry_seconds
             if time.monotonic() > deadline:

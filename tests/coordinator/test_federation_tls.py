@@ -59,6 +59,18 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def assert_no_secrets_logged(root: Path, private_keys: list[Path]) -> None:
+    """No line of any private key's body appears in a log, config or state file the run wrote under ``root``."""
+    secrets = {line.strip() for k in private_keys for line in k.read_text().splitlines() if len(line.strip()) >= 40 and "-----" not in line}
+    assert secrets
+    written = [f for f in root.rglob("*") if f.suffix in (".log", ".json", ".jsonl", ".toml", ".txt") and f.is_file()]
+    assert any(f.suffix == ".log" for f in written), "the run wrote no logs to scan"
+    for f in written:
+        text = f.read_text(errors="replace")
+        leaked = sum(s in text for s in secrets)
+        assert not leaked, f"{f}: holds {leaked} line(s) of private key material"
+
+
 def test_tls_and_node_authentication(tiny_bundle: Path, tmp_path: Path) -> None:
     ca, cert, key = make_tls(tmp_path)
     good, good_pub = make_node_key(tmp_path, "device1")
@@ -87,6 +99,9 @@ def test_tls_and_node_authentication(tiny_bundle: Path, tmp_path: Path) -> None:
         assert joins[1].returncode == 1 and "no connection" in err
         log = next((tmp_path / "cache-stranger").glob("supernode-*/supernode.log")).read_text()
         assert "Failed to activate SuperNode" in log or "PERMISSION_DENIED" in log or "denied" in log.lower(), log[-2000:]
+        for p in [coordinator, *joins]:  # everything flushed and closed before the logs are read
+            stop(p, timeout=5)
+        assert_no_secrets_logged(tmp_path, [key, good, stranger])
     finally:
         for p in [coordinator, *joins]:
             stop(p, timeout=5)
