@@ -92,6 +92,7 @@ def serve(
     eval_label_map: Optional[str] = typer.Option(None, help="Label mapping of --eval-data, e.g. 1=World,2=Sports."),
     serve_artifacts: bool = typer.Option(True, "--serve-artifacts/--no-serve-artifacts", help="Send devices the tier files they lack."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last completed round saved in --state-dir."),
+    keep_updates: bool = typer.Option(False, "--keep-updates", help="Audit: keep every merged update in --state-dir/updates/round-N/ (disk grows by each device's upload per round)."),
     host: str = typer.Option("127.0.0.1", help="Address the SuperLink listens on; 0.0.0.0 to accept devices from the network."),
     port: int = typer.Option(9092, help="The SuperLink's port (devices join with --server HOST:PORT)."),
     ssl_ca_certfile: Optional[Path] = typer.Option(None, help="TLS: the CA certificate (PEM) the devices trust."),
@@ -131,6 +132,7 @@ def serve(
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
             max_update_norm=max_update_norm, norm_action=norm_action, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
+            keep_updates=keep_updates,
         )  # fmt: skip
     except BundleError as exc:
         _fail(str(exc), EXIT_INVALID, json_out, "manifest")

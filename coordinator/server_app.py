@@ -35,6 +35,7 @@ from coordinator.plan import sample_nodes
 from coordinator.rounds import NORM_ACTIONS, Screened, apply_round, plan_round, screen_replies, seen_digests
 from coordinator.state import LATEST, GlobalState
 from edge_runtime.bundle import Manifest, load_manifest, verify_files
+from edge_runtime.faults import reach
 from edge_runtime.records import (
     MessageError,
     artifacts_to_record,
@@ -50,6 +51,7 @@ log = logging.getLogger("flwr.fftmoe")
 HISTORY_FILE = "history.json"
 PLOT_FILE = "progress.png"
 STATUS_FILE = "run-status.json"
+UPDATES_DIR = "updates"
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
@@ -107,6 +109,8 @@ class RunSettings:
     """Send devices the tier files they lack (--serve-artifacts/--no-serve-artifacts)."""
     chunk_mb: int = 32
     """Largest piece of a file in one artifacts message, MB."""
+    keep_updates: bool = False
+    """Keep every merged update as STATE_DIR/updates/round-NNNNN/node-ID.safetensors, for audit (--keep-updates)."""
     sim_plan: str = ""
     """Set by ``fftmoe-coordinator simulate``: the plan whose entries give each virtual node its settings."""
 
@@ -224,12 +228,15 @@ class FFTMoEStrategy:
 
     # -- messaging ---------------------------------------------------------------------------------------------
 
-    def exchange(self, grid: Any, messages: dict[int, Any], timeout: float, what: str) -> dict[int, Any]:
+    def exchange(self, grid: Any, messages: dict[int, Any], timeout: float, what: str, sent_point: str = "") -> dict[int, Any]:
         """Send one message per node and collect replies until all arrived or ``timeout``; node -> reply Message or
-        an error text (the node's error reply, or no reply in time)."""
+        an error text (the node's error reply, or no reply in time). ``sent_point``: the fault point reached once
+        the messages are out."""
         if not messages:
             return {}
         ids = list(grid.push_messages(list(messages.values())))
+        if sent_point:
+            reach(sent_point)
         node_of = {i: n for i, n in zip(ids, messages) if i}
         if any(not i for i in ids):
             refused = [n for i, n in zip(ids, messages) if not i]
@@ -410,6 +417,7 @@ class FFTMoEStrategy:
             r = state.round + 1
             started = time.monotonic()
             nodes = self.wait_for_nodes(grid)
+            reach("round.start")
             sampled = sample_nodes(nodes, s.fraction, s.min_clients, s.seed * 100003 + r * 101 + failures)
             phases = {"wait": time.monotonic() - started}
             mark = time.monotonic()
@@ -420,8 +428,9 @@ class FFTMoEStrategy:
                 continue
             log.info("round %d/%d: training on %d node(s), tiers %s", r, s.rounds, len(tiers), dict(sorted(tiers.items())))
             sent, messages = self.configure_train(state, tiers)
-            replies = self.exchange(grid, messages, s.round_timeout, f"round {r} train")
+            replies = self.exchange(grid, messages, s.round_timeout, f"round {r} train", sent_point="round.sent")
             phases["train"], mark = time.monotonic() - mark, time.monotonic()
+            reach("round.replies")
             new, screened = self.aggregate_train(state, sent, replies)
             phases["merge"], mark = time.monotonic() - mark, time.monotonic()
             for node, reason in screened.rejected.items():
@@ -431,6 +440,9 @@ class FFTMoEStrategy:
                 failures = self._failed(r, failures, f"{len(screened.accepted)} valid update(s), --min-clients is {s.min_clients}")
                 continue
             failures = 0
+            reach("round.merged")
+            if s.keep_updates:
+                self.save_updates(r, screened)
             entry = new.history[-1]
             if s.eval_every and (r % s.eval_every == 0 or r == s.rounds):  # and always after the last round
                 fed = self.aggregate_evaluate(r, self.exchange(grid, self.configure_evaluate(new, {n: tiers[n] for n in screened.accepted}),
@@ -445,8 +457,10 @@ class FFTMoEStrategy:
             entry["seconds"] = round(time.monotonic() - started, 2)
             entry["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
             new.save(self.state_dir)
+            reach("round.saved")
             state = new
             self.write_progress(state)
+            reach("round.done")
             log.info("%s", round_line(entry, s.rounds, len(sent)))
         log.info("done: %d round(s); global state in %s", state.round, self.state_dir)
         return state
@@ -458,6 +472,18 @@ class FFTMoEStrategy:
             raise RoundFailure(f"round {r} failed {failures} times in a row ({why}); the state of round {r - 1} is saved in "
                                f"{self.state_dir}: fix the fleet and continue with --resume")  # fmt: skip
         return failures
+
+    def save_updates(self, round_: int, screened: Screened) -> Path:
+        """Write the round's merged updates (after any clipping) to ``updates/round-NNNNN/node-ID.safetensors``,
+        replacing what an interrupted attempt at this round left there."""
+        import shutil
+
+        folder = self.state_dir / UPDATES_DIR / f"round-{round_:05d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for node, update in screened.accepted.items():
+            update.save(folder / f"node-{node}.safetensors")
+        return folder
 
     def write_progress(self, state: GlobalState) -> None:
         (self.state_dir / HISTORY_FILE).write_text(json.dumps(state.history, indent=1) + "\n", encoding="utf-8")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.checkpoints import commit_checkpoint, read_pointer
+from edge_runtime.faults import reach
 
 STATE_FORMAT = "fftmoe-global-state"
 STATE_VERSION = 1
@@ -55,6 +56,7 @@ class GlobalState:
 
         def write(ckpt: Path) -> None:
             save_file({k: np.ascontiguousarray(v) for k, v in self.pool.items()}, str(ckpt / POOL_FILE))
+            reach("checkpoint.writing")
             meta = {
                 "manifest_id": self.manifest_id, "round": self.round, "usage": self.usage.tolist(),
                 "preferences": {str(n): p.tolist() for n, p in self.preferences.items()}, "history": self.history,

@@ -326,6 +326,9 @@ def _build_app():  # noqa: ANN202
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from edge_runtime.faults import reach
+
+        reach("client.train")
         return Message(_run(msg.content, NodeSettings.from_context(dict(context.node_config), dict(context.run_config)), training=True), reply_to=msg)
 
     @app.evaluate()

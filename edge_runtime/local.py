@@ -28,6 +28,7 @@ import numpy as np
 from edge_runtime.backends import TierBackend
 from edge_runtime.bundle import Manifest
 from edge_runtime.checkpoints import commit_checkpoint, read_pointer
+from edge_runtime.faults import reach
 from edge_runtime.data import EncodedData
 from edge_runtime.session import RoutingStats, StepResult, TierSession, TrainConfig, TrainResult
 from edge_runtime.update import manifest_id
@@ -217,6 +218,7 @@ def train_local(
             on_step(r)
         if save_every and r.step % save_every == 0:
             checkpoint()
+        reach("local.step")
 
     while state.epoch < config.epochs:
         if state.batch_in_epoch >= per_epoch:  # the saved position is the end of an epoch

@@ -144,6 +144,29 @@ def test_ctrl_c_saves_the_state_and_resume_finishes(tiny_bundle: Path, tmp_path:
     assert (out / "update.safetensors").exists()
 
 
+@pytest.mark.parametrize("point", ["local.step@3", "checkpoint.written@2", "checkpoint.pointer-partial@2", "checkpoint.committed@2"])
+def test_power_loss_mid_training_resumes_from_the_last_checkpoint(tiny_bundle: Path, tmp_path: Path, point: str) -> None:
+    """SIGKILL (nothing flushed, no handler: a device losing power) between steps and at each step of a checkpoint
+    save; ``--resume`` must load a complete checkpoint, hash-checked, and finish the run."""
+    import os
+    import subprocess
+    import sys
+
+    data, out = tiny_csv(tmp_path / "d.csv"), tmp_path / "run"
+    exe = Path(sys.executable).parent / "fftmoe-edge"
+    base = [str(exe), "train", "--bundle", str(tiny_bundle), "--data", str(data), "--text-column", "title", "--label-map", LABEL_MAP,
+            "--tier", "2", "--batch-size", "4", "--out", str(out), "--threads", "1", "--epochs", "2", "--save-every", "1", "--json"]  # fmt: skip
+    killed = subprocess.run(base, capture_output=True, text=True, env=dict(os.environ, FFTMOE_FAULT=f"kill:{point}"))
+    assert killed.returncode == -9 and f"SIGKILL at {point.split('@')[0]}" in killed.stderr, killed.stderr[-2000:]
+    state = json.loads((out / "state.json").read_text())
+    assert not state["finished"] and state["step"] >= 1
+    done = subprocess.run([*base, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["finished"] and result["epochs_done"] == 2 and (out / "update.safetensors").exists()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".partial")] == []
+
+
 def test_optimizer_state_is_saved_only_where_the_budget_has_room(tiny_bundle: Path) -> None:
     from edge_runtime.bundle import load_manifest
     from edge_runtime.cli import optimizer_state_fits
