@@ -21,7 +21,7 @@ import pytest
 from coordinator.deploy import free_port, stop
 from coordinator.merge import merge_updates
 from coordinator.state import GlobalState
-from edge_runtime.bundle import load_manifest, verify_files
+from edge_runtime.bundle import load_manifest, sha256_file, verify_files
 from edge_runtime.update import Update, manifest_id
 from tests.conftest import write_tiny_csv
 
@@ -89,8 +89,15 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
         code, result, err = finish(serve(tiny_bundle, state_dir, port, 1, resume=False), 900)
         assert code == 0 and result["rounds_done"] == 1, err[-4000:]
         done = 1
+        # a device's cached artifact damaged while the coordinator is down: found at the next hello and sent again
+        entry = next(iter(manifest.tier(1).files.values()))
+        damaged = tmp_path / "cache0" / mid / entry.path
+        raw = bytearray(damaged.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        damaged.write_bytes(bytes(raw))
         fault_log = tmp_path / "faults.log"
         for point, kept in COORDINATOR_POINTS:
+            before = GlobalState.load(state_dir, mid)
             proc = serve(tiny_bundle, state_dir, port, done + 1, resume=True, fault=f"kill:{point}", fault_log=fault_log)
             # the ServerApp kills itself at the point; the rest of the coordinator's host goes down with it at once
             deadline = time.monotonic() + 900
@@ -102,6 +109,13 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
             state = GlobalState.load(state_dir, mid)  # loads, hashes verified: nothing half-written
             assert state.round == done + kept, (point, state.round, done)
             assert [h["round"] for h in state.history if "train_loss" in h] == list(range(1, state.round + 1))
+            if not kept:  # exactly the last committed round's checkpoint, bit for bit
+                assert state.history == before.history and state.pool.keys() == before.pool.keys()
+                for key, value in before.pool.items():
+                    np.testing.assert_array_equal(state.pool[key], value, err_msg=key)
+            if point == COORDINATOR_POINTS[0][0]:
+                assert sha256_file(damaged) == entry.sha256, "the damaged cached file was not sent again"
+                assert "lacks 1 file(s)" in (state_dir / "run.log").read_text(errors="replace")
             done = state.round
         code, result, err = finish(serve(tiny_bundle, state_dir, port, done + 1, resume=True), 900)
         assert code == 0 and result["ok"] and result["rounds_done"] == done + 1, err[-4000:]
