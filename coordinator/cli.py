@@ -351,13 +351,28 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
+def summary_cells(summary: dict) -> list[str]:
+    """One run's row of the comparison table, formatted as the columns of ``SUMMARY_COLUMNS``."""
+    return [fmt(summary.get(key)) if summary.get(key) is not None or key == "alpha" else "-" for key, _, fmt in SUMMARY_COLUMNS]
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """The comparison table in GitHub Markdown (for docs/benchmarks.md)."""
+    lines = ["| " + " | ".join(title for _, title, _ in SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(summary_cells(s)) + " |" for s in summaries]
+    return "\n".join(lines)
+
+
 def _print_summaries(summaries: list[dict]) -> None:
     table = Table()
     for _, title, _ in SUMMARY_COLUMNS:
         table.add_column(title, justify="right")
     for s in summaries:
-        table.add_row(*(fmt(s.get(key)) if s.get(key) is not None or key == "alpha" else "-" for key, _, fmt in SUMMARY_COLUMNS))
-    Console().print(table)
+        table.add_row(*summary_cells(s))
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 @app.command(epilog="Exit codes: 0 written; 3 a run folder or its bundle cannot be read.")
@@ -387,6 +402,7 @@ def compare(
     runs: list[Path] = typer.Argument(..., help="Run folders of `simulate` (reported)."),
     plot: Path = typer.Option(Path("runs/compare.png"), help="Where to write the comparison plot."),
     json_out: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as GitHub Markdown (for a report)."),
 ) -> None:
     """Compare runs: one table (final and personalised accuracy, rounds to 80%, upload per client-round, peak memory
     per tier, wall time) and one plot (global accuracy against round and against cumulative upload)."""
@@ -403,6 +419,8 @@ def compare(
                   for s, rows in loaded], plot)  # fmt: skip
     if json_out:
         print(json.dumps({"runs": [s for s, _ in loaded], "plot": str(plot)}))
+    elif markdown:
+        print(markdown_table([s for s, _ in loaded]))
     else:
         _print_summaries([s for s, _ in loaded])
         Console().print(f"plot: {plot}", highlight=False)

@@ -144,7 +144,7 @@ def test_devices_killed_mid_round_and_a_straggler_leave_exactly_the_arrived_upda
     rounds = 2
     # a device killed in one round is asked (hello) in the next and never answers: each round waits the timeout twice
     proc = serve(tiny_bundle, state_dir, port, rounds, resume=False,
-                 extra=("--keep-updates", "--round-timeout", "40", "--max-failed-rounds", "4"))  # fmt: skip
+                 extra=("--keep-updates", "--round-timeout", "60", "--max-failed-rounds", "4"))  # fmt: skip
     data = [write_tiny_csv(tmp_path / f"d{i}.csv", 24, seed=i) for i in range(4)]
     tiers = (1, 2, 4, 2)
     nodes = [join(port, data[i], tiers[i], tmp_path / f"cache{i}") for i in range(3)]

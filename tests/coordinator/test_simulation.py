@@ -128,3 +128,8 @@ def test_simulate_four_clients_continue_and_compare(tiny_bundle: Path, tmp_path:
     table = subprocess.run([str(BIN / "fftmoe-coordinator"), "compare", str(a), str(b), "--plot", str(tmp_path / "cmp.png")],
                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     assert table.returncode == 0 and "dirichlet" in table.stdout and "iid" in table.stdout
+    md = subprocess.run([str(BIN / "fftmoe-coordinator"), "compare", str(a), str(b), "--plot", str(tmp_path / "cmp.png"), "--markdown"],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    rows = [line.split(" | ") for line in md.stdout.strip().splitlines()]
+    assert md.returncode == 0 and len(rows) == 4 and rows[0][0] == "| run" and rows[2][0] == f"| {a.name}" and rows[3][2] == "iid"
+    assert all(len(r) == len(rows[0]) for r in rows[2:])
