@@ -244,8 +244,9 @@ def supernode_command(superlink: str, node_config: str, port: int, root_cert: Pa
     return cmd
 
 
-def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM the process group and every descendant, then SIGKILL what is left after ``timeout``.
+def stop(proc: subprocess.Popen | None, timeout: float = 10.0, graceful: bool = True) -> None:
+    """SIGTERM the process group and every descendant, then SIGKILL what is left after ``timeout``; with
+    ``graceful=False`` SIGKILL at once (no handler runs: a machine losing power, in the fault tests).
 
     Descendants are collected first: Flower's SuperExec starts its own session, and the simulation process it starts
     (with Ray's workers) would outlive a SuperLink killed by process group alone."""
@@ -257,7 +258,7 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         family = []
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0))[0 if graceful else 1 :]:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -28,8 +28,8 @@ import numpy as np
 from edge_runtime.backends import TierBackend
 from edge_runtime.bundle import Manifest
 from edge_runtime.checkpoints import commit_checkpoint, read_pointer
-from edge_runtime.faults import reach
 from edge_runtime.data import EncodedData
+from edge_runtime.faults import reach
 from edge_runtime.session import RoutingStats, StepResult, TierSession, TrainConfig, TrainResult
 from edge_runtime.update import manifest_id
 

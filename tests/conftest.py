@@ -105,6 +105,24 @@ def write_tiny_csv(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
+def finish_serve(proc, timeout: float) -> tuple[int, dict, str]:  # noqa: ANN001
+    """Wait for a ``fftmoe-coordinator serve --json`` process: (exit code, its JSON summary or {}, stderr). A serve
+    still running after ``timeout`` is stopped and the test fails with the end of its log (a deadline against hangs)."""
+    import json
+    import subprocess
+
+    from coordinator.deploy import stop
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"serve did not finish in {timeout} s:\n{err[-4000:]}")
+    lines = out.strip().splitlines()
+    return proc.returncode, (json.loads(lines[-1]) if lines else {}), err
+
+
 def tier_bytes(manifest, tier: int) -> tuple[int, int]:  # noqa: ANN001
     """(bytes a node of this tier is sent, bytes of its update): its experts, router rows (none for one slot: it
     routes everything to it) and head; plus statistics. For a LoRA baseline: A [r, in] and B [out, r] of every

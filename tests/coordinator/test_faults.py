@@ -5,25 +5,21 @@ tampered with. Figures of these runs are in docs/reliability.md."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
-import pytest
 
 from coordinator.deploy import free_port, stop
 from coordinator.merge import merge_updates
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest, sha256_file, verify_files
 from edge_runtime.update import Update, manifest_id
-from tests.conftest import write_tiny_csv
+from tests.conftest import finish_serve, write_tiny_csv
 
 BIN = Path(sys.executable).parent
 
@@ -46,29 +42,9 @@ def join(port: int, data: Path, tier: int, cache: Path, fault: str = "") -> subp
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, dict, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"serve did not finish in {timeout} s:\n{err[-4000:]}")
-    lines = out.strip().splitlines()
-    return proc.returncode, (json.loads(lines[-1]) if lines else {}), err
-
-
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process and all its descendants at once (a device or host losing power)."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.Error:
-        return
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    proc.wait(timeout=30)
+    stop(proc, graceful=False)
 
 
 # Points of a round at which the coordinator's ServerApp is killed, and the rounds its state must then hold: the
@@ -86,7 +62,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
     state_dir = tmp_path / "state"
     nodes = [join(port, write_tiny_csv(tmp_path / f"d{i}.csv", 24, seed=i), tier, tmp_path / f"cache{i}") for i, tier in enumerate((1, 2))]
     try:
-        code, result, err = finish(serve(tiny_bundle, state_dir, port, 1, resume=False), 900)
+        code, result, err = finish_serve(serve(tiny_bundle, state_dir, port, 1, resume=False), 900)
         assert code == 0 and result["rounds_done"] == 1, err[-4000:]
         done = 1
         # a device's cached artifact damaged while the coordinator is down: found at the next hello and sent again
@@ -117,7 +93,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
                 assert sha256_file(damaged) == entry.sha256, "the damaged cached file was not sent again"
                 assert "lacks 1 file(s)" in (state_dir / "run.log").read_text(errors="replace")
             done = state.round
-        code, result, err = finish(serve(tiny_bundle, state_dir, port, done + 1, resume=True), 900)
+        code, result, err = finish_serve(serve(tiny_bundle, state_dir, port, done + 1, resume=True), 900)
         assert code == 0 and result["ok"] and result["rounds_done"] == done + 1, err[-4000:]
     finally:
         for p in nodes:
@@ -158,7 +134,7 @@ def test_devices_killed_mid_round_and_a_straggler_leave_exactly_the_arrived_upda
             kill_tree(nodes[victim])
             killed.append(victim)
             nodes[victim] = join(port, data[victim], tiers[victim], tmp_path / f"cache{victim}")  # the device boots again
-        code, result, err = finish(proc, 900)
+        code, result, err = finish_serve(proc, 900)
         assert code == 0 and result["ok"] and result["rounds_done"] == rounds, err[-4000:]
         state = GlobalState.load(state_dir, mid)
         pool = GlobalState.initial(mid, load_file_np(tiny_bundle / manifest.global_pool.path), manifest.num_layers, manifest.num_experts).pool

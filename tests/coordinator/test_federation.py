@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from coordinator.deploy import free_port, stop
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
 from edge_runtime.update import manifest_id
-from tests.conftest import tier_bytes, write_tiny_csv
+from tests.conftest import finish_serve, tier_bytes, write_tiny_csv
 
 BIN = Path(sys.executable).parent
 TIERS = (2, 4, 8)
@@ -44,14 +43,9 @@ def serve(bundle: Path, state: Path, port: int, rounds: int, resume: bool, extra
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"serve did not finish in {timeout} s:\n{err[-4000:]}")
-    assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{out}\n{err[-6000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+    code, result, err = finish_serve(proc, timeout)
+    assert code == 0 and result, f"serve failed ({code}):\n{result}\n{err[-6000:]}"
+    return result
 
 
 def test_three_tiers_two_rounds_and_resume(tiny_bundle16: Path, tmp_path: Path) -> None:
