@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_runtime.bundle import BundleError, Manifest
-from edge_runtime.ort_backend import BackendUnavailableError, OrtTierSession, import_training_api
+from edge_runtime.ort_backend import BackendUnavailableError, OrtTierSession, import_training_api, ort_build
 
 # AdamW as ``onnxruntime.training.artifacts.generate_artifacts(optimizer=OptimType.AdamW)`` builds it
 # (onnxblock.optim.AdamW defaults, ``adam_mode=1``: the Hugging Face formulation); the PyTorch backend runs the same.
@@ -195,7 +195,7 @@ class TorchBackend:
         except ImportError as exc:
             raise BackendUnavailableError(
                 "the PyTorch backend needs torch and transformers: pip install 'fftmoe[edge-torch]' "
-                "(on a Raspberry Pi: torch==2.9.1)"
+                "(on a Raspberry Pi with -c constraints-aarch64.txt, which pins torch 2.9.1: docs/raspberry-pi.md)"
             ) from exc
         if threads:
             torch.set_num_threads(threads)
@@ -286,17 +286,18 @@ def ort_available() -> tuple[bool, str]:
 
 
 def resolve_backend(requested: str) -> tuple[str, str]:
-    """``auto`` -> ``ort`` where it imports, else ``torch``; returns (backend, a sentence saying why)."""
+    """``auto`` -> ``ort`` where its training API imports (a PyPI wheel on x86_64, or a source build on ARM), else
+    ``torch``; returns (backend, a sentence saying why, naming the ONNX Runtime found)."""
     if requested not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested == "torch":
         return "torch", "PyTorch backend (asked for with --backend torch)"
-    ok, why = ort_available()
-    if ok:
-        return "ort", "ONNX Runtime training API"
+    build = ort_build()
+    if build.training_api:
+        return "ort", f"ONNX Runtime training API: {build.describe()}"
     if requested == "ort":
-        raise BackendUnavailableError(why)
-    return "torch", f"ONNX Runtime training is not available on this {platform.machine()} machine ({why}); using PyTorch"
+        raise BackendUnavailableError(build.why_not)
+    return "torch", f"ONNX Runtime training is not available on this {platform.machine()} machine: {build.why_not}. Using PyTorch"
 
 
 def open_backend(name: str, bundle_dir: Path, manifest: Manifest, slots: int, threads: int | None = None) -> TierBackend:

@@ -131,23 +131,26 @@ def profile(
     dev = _device(device, compute_seconds)
     out: dict = {"ok": True, "device": _profile_dict(dev)}
     choice_error = None
+    if device is not None:
+        backend_name = "ort" if (dev.ort_training_wheel and backend != "torch") else "torch"
+        why = "profile: " + ("ONNX Runtime training wheel exists" if backend_name == "ort" else "no ONNX Runtime training wheel, PyTorch")
+    else:
+        from edge_runtime.ort_backend import ort_build
+
+        try:
+            backend_name, why = resolve_backend(backend)
+        except (ValueError, RuntimeError) as exc:
+            _fail(str(exc), EXIT_BAD_ARGS, json_out)
+        out["onnxruntime"] = ort_build().describe()
+    out["backend"], out["backend_reason"] = backend_name, why
     if bundle is not None:
         try:
             manifest = load_manifest(bundle)
         except BundleError as exc:
             _fail(str(exc), EXIT_INVALID, json_out, "manifest")
-        if device is not None:
-            backend_name = "ort" if (dev.ort_training_wheel and backend != "torch") else "torch"
-            why = "profile: " + ("ONNX Runtime training wheel exists" if backend_name == "ort" else "no ONNX Runtime training wheel, PyTorch")
-        else:
-            try:
-                backend_name, why = resolve_backend(backend)
-            except (ValueError, RuntimeError) as exc:
-                _fail(str(exc), EXIT_BAD_ARGS, json_out)
         try:
             choice = choose_tier(manifest, dev, backend_name, batch_size, max_memory, seq_len=max_seq_len)
             out["choice"] = _choice_dict(choice)
-            out["backend_reason"] = why
         except TierChoiceError as exc:
             choice_error = str(exc)
             out.update(ok=False, error="no_fit", message=choice_error)
@@ -162,6 +165,10 @@ def profile(
                            ("memory_available_mb", "memory available, MB"), ("compute_gflops", "fp32 matmul, GFLOP/s"),
                            ("ort_training", "ONNX Runtime training")):  # fmt: skip
             table.add_row(label, str(d[key]))
+        if "onnxruntime" in out:
+            table.add_row("onnxruntime", out["onnxruntime"])
+        # the ORT line above already says what was found; a PyTorch choice says why
+        table.add_row("backend", out["backend"] if out["backend"] == "ort" else f"{out['backend']}: {out['backend_reason']}")
         con.print(table)
         if "choice" in out:
             c = out["choice"]
@@ -361,7 +368,8 @@ def train(
     finally:
         signal.signal(signal.SIGINT, previous)
     result = {
-        "ok": True, "finished": state.finished, "tier": choice.slots, "backend": backend_name, "batch_size": config.batch_size,
+        "ok": True, "finished": state.finished, "tier": choice.slots, "backend": backend_name, "backend_reason": backend_why,
+        "batch_size": config.batch_size,
         "train_examples": len(train_enc), "eval_examples": len(eval_enc) if eval_enc is not None else 0,
         "skipped_rows": len(examples.skipped), "steps": state.step, "epochs_done": state.epoch, "history": state.history,
         "out": str(out), "batches_per_epoch": per_epoch,

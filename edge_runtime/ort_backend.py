@@ -8,9 +8,13 @@ the ``api`` subpackage under a bare package object instead, so only ONNX Runtime
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import json
+import platform
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,14 @@ import numpy as np
 
 class BackendUnavailableError(RuntimeError):
     """ONNX Runtime's training API cannot be imported on this machine."""
+
+
+def _install_hint() -> str:
+    """How to get ONNX Runtime's training API on this machine."""
+    if platform.machine() in PYPI_TRAINING_ARCHES:
+        return "pip install 'fftmoe[edge]' (onnxruntime-training-cpu==1.19.2)"
+    return (f"PyPI has no ONNX Runtime training wheel for {platform.machine()}: build one from source with --enable_training "
+            "(docs/raspberry-pi.md)")
 
 
 def import_training_api() -> types.ModuleType:
@@ -34,15 +46,10 @@ def import_training_api() -> types.ModuleType:
     if "onnxruntime" not in sys.modules:
         spec = importlib.util.find_spec("onnxruntime")
         if spec is None or not spec.submodule_search_locations:
-            raise BackendUnavailableError(
-                "onnxruntime is not installed (pip install 'fftmoe[edge]' on x86_64; on ARM use --backend torch)"
-            )
+            raise BackendUnavailableError(f"onnxruntime is not installed; {_install_hint()}")
         training_dir = Path(list(spec.submodule_search_locations)[0]) / "training"
         if not (training_dir / "api").is_dir():
-            raise BackendUnavailableError(
-                "this onnxruntime has no training API (install onnxruntime-training-cpu==1.19.2 on x86_64, "
-                "or build ONNX Runtime with --enable_training_apis); plain onnxruntime only runs inference"
-            )
+            raise BackendUnavailableError(f"this onnxruntime has no training API, it only runs inference; {_install_hint()}")
         package = types.ModuleType("onnxruntime.training")
         package.__path__ = [str(training_dir)]
         package.__file__ = str(training_dir / "__init__.py")
@@ -52,6 +59,83 @@ def import_training_api() -> types.ModuleType:
         return importlib.import_module("onnxruntime.training.api")
     except ImportError as exc:
         raise BackendUnavailableError(f"cannot import onnxruntime.training.api: {exc}") from exc
+
+
+PYPI_TRAINING_ARCHES = ("x86_64", "AMD64")
+"""Machines for which PyPI has an ``onnxruntime-training(-cpu)`` wheel that runs fftmoe's artifacts (Linux/Windows
+x86_64); anywhere else a working training API was built from source."""
+
+
+@dataclass(frozen=True)
+class OrtBuild:
+    """Which ONNX Runtime this Python would import, and whether its training API is there."""
+
+    training_api: bool
+    distribution: str | None  # the installed distribution that owns the imported ``onnxruntime`` folder
+    version: str | None
+    origin: str  # "pypi", "local-wheel" (pip installed a wheel file: a source build), "source" or "none"
+    why_not: str  # why the training API cannot be used ("" when it can)
+
+    def describe(self) -> str:
+        """One line for logs and ``profile``: what is installed and where it came from."""
+        if self.distribution is None and self.origin == "none":
+            return "onnxruntime not installed"
+        name = f"{self.distribution or 'onnxruntime'} {self.version or '(version unknown)'}"
+        where = {
+            "pypi": "PyPI wheel",
+            "local-wheel": "built from source, installed from a local wheel",
+            "source": f"built from source: PyPI has no training wheel for {platform.machine()}",
+        }.get(self.origin, self.origin)
+        api = "training API" if self.training_api else "no training API"
+        return f"{name} ({where}; {api})"
+
+
+def _owning_distribution(init_file: Path) -> importlib.metadata.Distribution | None:
+    """The installed distribution whose files include ``init_file`` (the ``onnxruntime/__init__.py`` that would be
+    imported); with two ORT distributions installed, the one on the path first is the one that counts."""
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if "onnxruntime" not in name and "onnxruntime" not in (dist.read_text("top_level.txt") or "").split():
+            continue
+        try:
+            if Path(dist.locate_file("onnxruntime/__init__.py")) == init_file:
+                return dist
+        except (OSError, TypeError):
+            continue
+    return None
+
+
+def ort_build() -> OrtBuild:
+    """Detect ONNX Runtime at run time: the training API, the owning distribution, and whether it came from PyPI or
+    a source build (a wheel file installed from disk, or any training build on a machine PyPI has none for).
+
+    Only metadata is read and the training API is imported torch-free (``import_training_api``).
+    """
+    try:
+        import_training_api()
+        available, why = True, ""
+    except BackendUnavailableError as exc:
+        available, why = False, str(exc)
+    spec = importlib.util.find_spec("onnxruntime") if "onnxruntime" not in sys.modules else sys.modules["onnxruntime"].__spec__
+    if spec is None or not spec.submodule_search_locations:
+        return OrtBuild(False, None, None, "none", why)
+    init_file = Path(list(spec.submodule_search_locations)[0]) / "__init__.py"
+    dist = _owning_distribution(init_file)
+    if dist is None:
+        return OrtBuild(available, None, None, "source", why)
+    name, version = dist.metadata["Name"], dist.version
+    direct = dist.read_text("direct_url.json")
+    origin = "pypi"
+    if direct:
+        try:
+            url = json.loads(direct).get("url", "")
+        except ValueError:
+            url = ""
+        if url.startswith("file:"):
+            origin = "local-wheel"
+    if origin == "pypi" and available and platform.machine() not in PYPI_TRAINING_ARCHES:
+        origin = "source"
+    return OrtBuild(available, name, version, origin, why)
 
 
 def session_options(threads: int | None, spinning: bool = True) -> Any:

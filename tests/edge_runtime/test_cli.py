@@ -50,11 +50,17 @@ def tiny_csv(path: Path, n: int = 40, bad_line: bool = False) -> Path:
 def test_profile_measures_or_reads_a_board(tiny_bundle: Path) -> None:
     measured = runner.invoke(app, ["profile", "--json", "--compute-seconds", "0.2"])
     assert measured.exit_code == 0, measured.output
-    dev = json.loads(measured.stdout)["device"]
+    out = json.loads(measured.stdout)
+    dev = out["device"]
     assert dev["source"] == "measured" and dev["cores"] >= 1 and dev["compute_gflops"] > 0
+    # the backend this device would train with, and why, without --bundle too (this environment has ORT training)
+    assert out["backend"] == "ort" and out["backend_reason"].startswith("ONNX Runtime training API: onnxruntime-training")
+    assert out["onnxruntime"].endswith("training API)")
     assert 0 < dev["memory_available_mb"] <= dev["memory_total_mb"]
-    board = json.loads(runner.invoke(app, ["profile", "--json", "--device", "rpi-4-4gb"]).stdout)["device"]
+    board_out = json.loads(runner.invoke(app, ["profile", "--json", "--device", "rpi-4-4gb"]).stdout)
+    board = board_out["device"]
     assert board["source"] == "profile" and board["name"] == "rpi-4-4gb" and board["ort_training"] is False
+    assert board_out["backend"] == "torch" and "no ONNX Runtime training wheel" in board_out["backend_reason"]
     # The tiny bundle was exported without measurements: no basis for a choice, and the reply says what to do.
     none = runner.invoke(app, ["profile", "--json", "--device", "rpi-4-4gb", "--bundle", str(tiny_bundle)])
     assert none.exit_code == EXIT_NO_FIT and "--tier" in json.loads(none.stdout)["message"]
