@@ -565,6 +565,15 @@ def verify_files(bundle_dir: Path | str, entries: list[FileEntry]) -> None:
             raise IntegrityError(f"{full}: sha256 {actual} differs from the manifest's {entry.sha256}: the file was changed")
 
 
+def backend_files(manifest: Manifest, slots: int, backend: str) -> list[FileEntry]:
+    """The files a backend reads to train tier ``slots``: ONNX Runtime the tier's four artifacts; PyTorch the
+    ``encoder/`` folder, from which it builds the tier itself (it reads none of the ORT artifacts, which for MiniLM
+    are about as large as the encoder again: a board on the PyTorch backend need not download them)."""
+    if backend == "torch":
+        return list(manifest.encoder_files)
+    return list(manifest.tier(slots).files.values())
+
+
 def verify_bundle(bundle_dir: Path | str, tiers: list[int] | None = None, encoder: bool = True) -> Manifest:
     """Validate the manifest and verify the hashes of the shared files and of the given tiers (all if None).
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import BundleError, FileEntry, IntegrityError, Manifest, ManifestError, load_manifest, sha256_file
+from edge_runtime.bundle import BundleError, FileEntry, IntegrityError, Manifest, ManifestError, backend_files, load_manifest, sha256_file
 from edge_runtime.records import (
     MessageError,
     artifacts_from_record,
@@ -162,9 +162,8 @@ def bundle_dir_for(node: NodeSettings, manifest: Manifest | None, mid: str) -> P
 
 
 def needed_files(manifest: Manifest, slots: int, backend: str) -> list[FileEntry]:
-    """What training a tier reads: the tier's artifacts, the tokenizer, and the encoder for the PyTorch backend."""
-    entries = [*manifest.tier(slots).files.values(), *manifest.tokenizer_files]
-    return entries + (list(manifest.encoder_files) if backend == "torch" else [])
+    """What training a tier reads: the tokenizer, and the tier's ORT artifacts or, for the PyTorch backend, the encoder."""
+    return [*backend_files(manifest, slots, backend), *manifest.tokenizer_files]
 
 
 def missing_files(bundle_dir: Path, entries: list[FileEntry]) -> list[FileEntry]:

@@ -73,7 +73,7 @@ class OrtBuild:
     training_api: bool
     distribution: str | None  # the installed distribution that owns the imported ``onnxruntime`` folder
     version: str | None
-    origin: str  # "pypi", "local-wheel" (pip installed a wheel file: a source build), "source" or "none"
+    origin: str  # "pypi", "local-wheel" (pip installed a wheel file: a source build), "source", "unknown" or "none"
     why_not: str  # why the training API cannot be used ("" when it can)
 
     def describe(self) -> str:
@@ -85,6 +85,7 @@ class OrtBuild:
             "pypi": "PyPI wheel",
             "local-wheel": "built from source, installed from a local wheel",
             "source": f"built from source: PyPI has no training wheel for {platform.machine()}",
+            "unknown": "not installed by pip",
         }.get(self.origin, self.origin)
         api = "training API" if self.training_api else "no training API"
         return f"{name} ({where}; {api})"
@@ -121,8 +122,8 @@ def ort_build() -> OrtBuild:
         return OrtBuild(False, None, None, "none", why)
     init_file = Path(list(spec.submodule_search_locations)[0]) / "__init__.py"
     dist = _owning_distribution(init_file)
-    if dist is None:
-        return OrtBuild(available, None, None, "source", why)
+    if dist is None:  # on the path, but not installed by pip (for example a build folder on PYTHONPATH)
+        return OrtBuild(available, None, None, "source" if available else "unknown", why)
     name, version = dist.metadata["Name"], dist.version
     direct = dist.read_text("direct_url.json")
     origin = "pypi"

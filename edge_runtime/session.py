@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.backends import TierBackend, open_backend
-from edge_runtime.bundle import Manifest, verify_files
+from edge_runtime.bundle import Manifest, backend_files, verify_files
 from edge_runtime.data import EncodedData
 from edge_runtime.update import Update, UpdateError, check_assignment, tier_values_from_global, tier_values_from_pool
 
@@ -115,9 +115,7 @@ class TierSession:
         self.tier = manifest.tier(slots)
         if verify:  # a changed or truncated artifact must never be trained on
             # a federated device gets its starting values in each instruction and holds no global pool
-            entries = list(self.tier.files.values()) + [*([manifest.global_pool] if with_pool else []), *manifest.tokenizer_files]
-            if backend == "torch":
-                entries += manifest.encoder_files
+            entries = [*backend_files(manifest, slots, backend), *([manifest.global_pool] if with_pool else []), *manifest.tokenizer_files]
             verify_files(self.bundle_dir, entries)
         self.backend: TierBackend = open_backend(backend, self.bundle_dir, manifest, slots, threads)
         self.width = manifest.route_width(slots)  # routing target and statistics: [L, width]

@@ -116,7 +116,7 @@ ok = d["arch"] == "aarch64" and p["backend"] == "torch" and c.get("tier") in (2,
 print(("ok" if ok else "bad"), f"arch {d['arch']}, {d['cores']} cores, {d['compute_gflops']} GFLOP/s, backend {p['backend']} "
       f"({p['backend_reason']}), tier {c.get('tier')}")
 PY
-)
+) || summary="bad its output could not be read"
     case "$summary" in ok*) pass "$cpu: profile: ${summary#ok }" ;; *) fail "$cpu: profile: ${summary#bad }" ;; esac
   else
     fail "$cpu: profile exited $? ($(tail -n 2 "$LOG/$cpu-profile.err"))"
@@ -137,7 +137,7 @@ print(("ok" if ok else "bad"), f"backend {r['backend']}, {r['steps']} steps, tra
       + " -> ".join(f"{x:.3f}" for x in losses) + (f", eval accuracy {acc:.2f}" if acc is not None else "")
       + ("" if files else ", update or model missing"))
 PY
-)
+) || summary="bad its output could not be read"
     case "$summary" in ok*) pass "$cpu: train: ${summary#ok }" ;; *) fail "$cpu: train: ${summary#bad }" ;; esac
   else
     fail "$cpu: train exited $? ($(tail -n 2 "$LOG/$cpu-train.err"))"
@@ -167,7 +167,7 @@ ok = r.get("ok") and r["rounds_done"] == 1 and accepted == 1 and node and node.g
 print(("ok" if ok else "bad"), f"{r.get('rounds_done')} round, {accepted} update merged from the emulated board"
       + (f" ({node.group(1)}, {node.group(2)}, {node.group(3)} bundle files fetched from the coordinator, peak RSS {peak:.0f} MB)" if node else ""))
 PY
-)
+) || summary="bad its output could not be read"
     case "$summary" in ok*) pass "$first_cpu: join: ${summary#ok }" ;; *) fail "$first_cpu: join: ${summary#bad }" ;; esac
   else
     fail "$first_cpu: join: serve failed ($(tail -n 2 "$LOG/serve.err"))"

@@ -104,3 +104,26 @@ def test_backends_agree_on_loss_and_first_step(tiny_bundle: Path, slots: int) ->
     va, vb = ort_session.values(), torch_session.values()
     worst = max(float(np.abs(va[k] - vb[k]).max()) for k in va)
     assert worst < 1e-4, f"one AdamW step differs by {worst}"
+
+
+def test_the_pytorch_backend_trains_from_the_encoder_without_the_tiers_ort_artifacts(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A board on the PyTorch backend (a Raspberry Pi) downloads only what ``needed_files`` names: the encoder and
+    the tokenizer, none of the tier's ORT artifacts. A session opens, verifies and trains from exactly those files,
+    and the ORT backend is refused there, naming the missing artifact."""
+    from edge_runtime.client_app import needed_files
+
+    manifest = load_manifest(tiny_bundle)
+    needed = needed_files(manifest, 2, "torch")
+    assert {e.path for e in needed} == {e.path for e in [*manifest.encoder_files, *manifest.tokenizer_files]}
+    assert not {e.path for e in needed} & {e.path for e in manifest.tier(2).files.values()}
+    board = tmp_path / "board"
+    for entry in [*needed, manifest.global_pool]:
+        (board / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tiny_bundle / entry.path, board / entry.path)
+    shutil.copy2(tiny_bundle / "manifest.json", board / "manifest.json")
+    session, _ = open_session(board, "torch")
+    before = session.values()
+    result = session.train(tiny_data(), TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2))
+    assert result.steps == 3 and all(not np.array_equal(before[n], v) for n, v in session.values().items())
+    with pytest.raises(IntegrityError, match="tiers/t2/"):
+        open_session(board, "ort")
