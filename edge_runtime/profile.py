@@ -7,7 +7,9 @@ reference batch, with the compute rate of that machine. A tier's figures on this
   resident memory with the sessions loaded and ``peak - load`` the activations and gradients of a step, which grow
   with the tokens of a batch; ``seq_len`` is the longest row the device will feed (the bundle's maximum unless
   the device truncates shorter), so the estimate holds for the worst batch;
-  with the PyTorch backend, times ``TORCH_MEMORY_FACTOR`` (the benchmark's PyTorch/ORT peak ratio);
+  with the PyTorch backend, the larger of that times ``TORCH_MEMORY_FACTOR`` (the benchmark's PyTorch/ORT peak
+  ratio at the reference batch) and that plus ``TORCH_LIBRARY_MB`` (what torch, transformers and the eager model
+  hold before a step, beyond ORT: a fixed cost that a ratio understates at small batches);
 - step time: ``step * (ref_gflops / device_gflops) * (batch / ref_batch)``, with ``ref_gflops`` the median of the
   rates recorded with the tiers.
 
@@ -34,6 +36,10 @@ MIN_HEADROOM_MB = 64.0
 MIN_BATCH = 4
 TORCH_MEMORY_FACTOR = 1.75
 """PyTorch-backend peak RSS over the ORT backend's: 1.75 / 1.66 / 1.60 for MiniLM tiers 2 / 4 / 8 (docs/exporter.md)."""
+TORCH_LIBRARY_MB = 270.0
+"""PyTorch-backend RSS with a MiniLM tier loaded, before a step, less ORT's: 266 / 243 / 232 MB for tiers 2 / 4 / 8
+(2026-11-25, benchmarks/edge_bench.py, docs/raspberry-pi.md). It does not shrink with the batch, so at batch 4 the
+ratio alone fell below the loaded PyTorch model's own size."""
 
 
 class TierChoiceError(RuntimeError):
@@ -123,7 +129,7 @@ def estimate(
     load = m.load_rss_mb if m.load_rss_mb is not None else m.peak_rss_mb
     memory = load + max(m.peak_rss_mb - load, 0.0) * scale
     if backend == "torch":
-        memory *= TORCH_MEMORY_FACTOR
+        memory = max(memory * TORCH_MEMORY_FACTOR, memory + TORCH_LIBRARY_MB)
     step = None
     ref_gflops = reference_gflops(manifest)
     if ref_gflops:

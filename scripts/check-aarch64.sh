@@ -51,7 +51,14 @@ inside() { QEMU_CPU="$1" bash "$TOOL" run "$R" "${@:2}"; }
 step() { echo; echo "== $* ($(date +%H:%M:%S))"; }
 
 step "arm64 root in $R"
-[ -x "$R/usr/bin/python3" ] || bash "$TOOL" init "$R" 2>&1 | tail -n 3
+if [ ! -x "$R/usr/bin/python3" ]; then
+  # aarch64-root.sh looks for the Debian mirror with grep over /etc/apt/sources.list and sources.list.d/*.sources
+  # under pipefail: on a host with only deb822 sources (no sources.list) grep exits 2 and the tool stops without a
+  # word. An empty sources.list changes nothing for apt and lets the lookup through.
+  [ -e /etc/apt/sources.list ] || { echo "creating an empty /etc/apt/sources.list for aarch64-root.sh's mirror lookup"; touch /etc/apt/sources.list; }
+  bash "$TOOL" init "$R" 2>&1 | tail -n 3 || true
+  [ -x "$R/usr/bin/python3" ] || { echo "check-aarch64: building the arm64 root in $R failed (run: bash $TOOL init $R)" >&2; exit 1; }
+fi
 
 step "tiny bundle and data, exported on this host"
 rm -rf "$W"; mkdir -p "$W"
