@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -490,7 +491,6 @@ def join(
     until Ctrl-C; when the coordinator goes away (a restart with --resume), it reconnects.
     """
     import signal
-    import subprocess
     import time
 
     from coordinator.deploy import flower_env, free_port, stop, supernode_command
@@ -566,13 +566,11 @@ def join(
             log_start = log_path.stat().st_size if log_path.exists() else 0
             with open(log_path, "ab") as log_file:
                 proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-                code = proc.wait()
+                code = _wait_supernode(proc, log_path, log_start)
             if stopping["flag"]:
                 break
-            with open(log_path, "rb") as log_file:
-                log_file.seek(log_start)
-                if b"Giving up reconnection" in log_file.read():  # Flower's own retries (--max-wait-time) ran out
-                    break
+            if _gave_up(log_path, log_start):  # Flower's own retries (--max-wait-time) ran out
+                break
             if time.monotonic() - started > 60:  # it had been connected: a fresh retry window
                 deadline = time.monotonic() + retry_seconds
             if time.monotonic() > deadline:
@@ -587,6 +585,38 @@ def join(
         raise typer.Exit(EXIT_INTERRUPTED)
     _fail(f"no connection to {server} for {retry_seconds:.0f} s (last SuperNode exit code {code}); see {home}/supernode.log",
           EXIT_FAILED, json_out, "supernode")
+
+
+GAVE_UP_GRACE_S = 15.0
+"""How long a SuperNode may linger after logging that it gave up reconnecting before ``join`` stops it."""
+
+
+def _gave_up(log_path: Path, log_start: int) -> bool:
+    """Whether the SuperNode logged, since ``log_start``, that its retries (``--max-wait-time``) ran out."""
+    with open(log_path, "rb") as log_file:
+        log_file.seek(log_start)
+        return b"Giving up reconnection" in log_file.read()
+
+
+def _wait_supernode(proc: subprocess.Popen, log_path: Path, log_start: int) -> int:
+    """Wait for the SuperNode to exit; its exit code. A SuperNode that gave up reconnecting can hang in Python's
+    thread shutdown instead of exiting (seen on an emulated aarch64 board: still alive an hour later), so once it has
+    logged that, it gets ``GAVE_UP_GRACE_S`` to exit and is then stopped."""
+    import time
+
+    from coordinator.deploy import stop
+
+    gave_up_at: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if gave_up_at is None and _gave_up(log_path, log_start):
+            gave_up_at = time.monotonic()
+        if gave_up_at is not None and time.monotonic() - gave_up_at > GAVE_UP_GRACE_S:
+            stop(proc)
+            return proc.wait()
 
 
 def main() -> None:

@@ -179,8 +179,21 @@ PY
   else
     fail "$first_cpu: join: serve failed ($(tail -n 2 "$LOG/serve.err"))"
   fi
-  for _ in $(seq 1 120); do kill -0 "$join_pid" 2>/dev/null || break; sleep 1; done
-  kill "$join_pid" 2>/dev/null || true
+  # With the coordinator gone, join must give up by itself: --retry-seconds 60, Flower's own retries, then exit 1.
+  waited=0
+  while kill -0 "$join_pid" 2>/dev/null && [ "$waited" -lt 240 ]; do sleep 5; waited=$((waited + 5)); done
+  if kill -0 "$join_pid" 2>/dev/null; then
+    fail "$first_cpu: join still running ${waited} s after the coordinator finished (stopped now)"
+    pkill -TERM -f "fftmoe-edge join --server 127.0.0.1:$port" || true; sleep 5
+    pkill -KILL -f "127.0.0.1:$port" || true
+  else
+    wait "$join_pid" && jc=0 || jc=$?
+    if [ "$jc" = 1 ] && grep -q "no connection to 127.0.0.1:$port" "$LOG/join.log"; then
+      pass "$first_cpu: join gave up by itself within ${waited} s of the coordinator's end (exit 1, 'no connection')"
+    else
+      fail "$first_cpu: join exited $jc after the coordinator's end ($(tail -n 1 "$LOG/join.log"))"
+    fi
+  fi
 fi
 
 echo

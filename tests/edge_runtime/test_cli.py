@@ -188,3 +188,28 @@ def test_optimizer_state_is_saved_only_where_the_budget_has_room(tiny_bundle: Pa
     fits, why = optimizer_state_fits(manifest, choice(100 + ckpt_mb), "ort")
     assert not fits and "--optimizer-state forces it" in why
     assert optimizer_state_fits(manifest, choice(1.0), "torch")[0]  # the PyTorch backend saves only the moments
+
+
+def test_join_stops_a_supernode_that_gave_up_but_lingers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's SuperNode, after logging that it gave up reconnecting, was seen hanging in Python's thread shutdown
+    for an hour (an emulated aarch64 board). ``join`` waits for it through ``_wait_supernode``: a process that logs
+    Flower's line and then never exits is stopped after the grace period; one that exits is simply waited for."""
+    import subprocess
+    import sys
+    import time
+
+    import edge_runtime.cli as cli
+
+    monkeypatch.setattr(cli, "GAVE_UP_GRACE_S", 1.0)
+    log = tmp_path / "supernode.log"
+    log.write_bytes(b"earlier run: Giving up reconnection after 60 s\n")  # before log_start: must not count
+    start = log.stat().st_size
+    script = ("import sys, time; f = open(sys.argv[1], 'a'); f.write('WARNING : Giving up reconnection after 60.00 seconds'); "
+              "f.flush(); time.sleep(3600)")  # fmt: skip
+    lingering = subprocess.Popen([sys.executable, "-c", script, str(log)], start_new_session=True)
+    t0 = time.monotonic()
+    code = cli._wait_supernode(lingering, log, start)
+    assert lingering.poll() is not None and code != 0 and time.monotonic() - t0 < 30
+    assert cli._gave_up(log, start) and not cli._gave_up(log, log.stat().st_size)
+    quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert cli._wait_supernode(quick, log, log.stat().st_size) == 3
