@@ -276,15 +276,6 @@ class TorchBackend:
             export_inference_model(self.model, example_inputs(self.model, 2, 16, self.image_size), Path(path))
 
 
-def ort_available() -> tuple[bool, str]:
-    """Whether ONNX Runtime's training API imports here, and why not when it does not."""
-    try:
-        import_training_api()
-        return True, ""
-    except BackendUnavailableError as exc:
-        return False, str(exc)
-
-
 def resolve_backend(requested: str) -> tuple[str, str]:
     """``auto`` -> ``ort`` where its training API imports (a PyPI wheel on x86_64, or a source build on ARM), else
     ``torch``; returns (backend, a sentence saying why, naming the ONNX Runtime found)."""

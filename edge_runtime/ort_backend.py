@@ -7,6 +7,7 @@ the ``api`` subpackage under a bare package object instead, so only ONNX Runtime
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -106,11 +107,13 @@ def _owning_distribution(init_file: Path) -> importlib.metadata.Distribution | N
     return None
 
 
+@functools.cache
 def ort_build() -> OrtBuild:
     """Detect ONNX Runtime at run time: the training API, the owning distribution, and whether it came from PyPI or
     a source build (a wheel file installed from disk, or any training build on a machine PyPI has none for).
 
-    Only metadata is read and the training API is imported torch-free (``import_training_api``).
+    Only metadata is read and the training API is imported torch-free (``import_training_api``). Computed once per
+    process (it scans every installed distribution's metadata; what is installed does not change while running).
     """
     try:
         import_training_api()

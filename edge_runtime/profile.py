@@ -68,7 +68,7 @@ def measure_device(compute_seconds: float = 1.0) -> DeviceProfile:
 
     vm = psutil.virtual_memory()
     freq = psutil.cpu_freq()
-    from edge_runtime.backends import ort_available
+    from edge_runtime.ort_backend import ort_build
 
     return DeviceProfile(
         name=platform.node() or "this-device",
@@ -79,7 +79,7 @@ def measure_device(compute_seconds: float = 1.0) -> DeviceProfile:
         memory_total_mb=vm.total / 2**20,
         memory_available_mb=vm.available / 2**20,
         compute_gflops=measure_gflops(compute_seconds),
-        ort_training_wheel=ort_available()[0],
+        ort_training_wheel=ort_build().training_api,
         measured=True,
     )
 

@@ -47,6 +47,7 @@ LOG="$ROOT_BASE/logs"; mkdir -p "$LOG"
 results=()
 pass() { results+=("PASS  $1"); echo "PASS  $1"; }
 fail() { results+=("FAIL  $1"); echo "FAIL  $1"; }
+verdict() { case "$2" in ok*) pass "$1: ${2#ok }" ;; *) fail "$1: ${2#bad }" ;; esac; }  # LABEL "ok ..."/"bad ..."
 inside() { QEMU_CPU="$1" bash "$TOOL" run "$R" "${@:2}"; }
 step() { echo; echo "== $* ($(date +%H:%M:%S))"; }
 
@@ -124,7 +125,7 @@ print(("ok" if ok else "bad"), f"arch {d['arch']}, {d['cores']} cores, {d['compu
       f"({p['backend_reason']}), tier {c.get('tier')}")
 PY
 ) || summary="bad its output could not be read"
-    case "$summary" in ok*) pass "$cpu: profile: ${summary#ok }" ;; *) fail "$cpu: profile: ${summary#bad }" ;; esac
+    verdict "$cpu: profile" "$summary"
   else
     fail "$cpu: profile exited $? ($(tail -n 2 "$LOG/$cpu-profile.err"))"
   fi
@@ -145,7 +146,7 @@ print(("ok" if ok else "bad"), f"backend {r['backend']}, {r['steps']} steps, tra
       + ("" if files else ", update or model missing"))
 PY
 ) || summary="bad its output could not be read"
-    case "$summary" in ok*) pass "$cpu: train: ${summary#ok }" ;; *) fail "$cpu: train: ${summary#bad }" ;; esac
+    verdict "$cpu: train" "$summary"
   else
     fail "$cpu: train exited $? ($(tail -n 2 "$LOG/$cpu-train.err"))"
   fi
@@ -175,7 +176,7 @@ print(("ok" if ok else "bad"), f"{r.get('rounds_done')} round, {accepted} update
       + (f" ({node.group(1)}, {node.group(2)}, {node.group(3)} bundle files fetched from the coordinator, peak RSS {peak:.0f} MB)" if node else ""))
 PY
 ) || summary="bad its output could not be read"
-    case "$summary" in ok*) pass "$first_cpu: join: ${summary#ok }" ;; *) fail "$first_cpu: join: ${summary#bad }" ;; esac
+    verdict "$first_cpu: join" "$summary"
   else
     fail "$first_cpu: join: serve failed ($(tail -n 2 "$LOG/serve.err"))"
   fi
