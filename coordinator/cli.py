@@ -20,6 +20,12 @@ EXIT_BAD_ARGS = 2
 EXIT_INVALID = 3
 EXIT_INTERRUPTED = 130
 
+MAX_UPDATE_NORM_HELP = ("Robustness: how far one update may move each expert, router, LoRA module or the head (L2 norm of the change). "
+                        "auto: the most AdamW can move it in the device's local steps at --lr (an honest device never exceeds it); "
+                        "a number: that bound; off: none.")
+MAX_SHARE_HELP = ("Robustness: the largest share any one device may have in the mean of an expert, router row, LoRA module or the head "
+                  "(its example count is its own claim); 1: no bound. Never below 1/n for n devices.")
+
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
 
@@ -83,8 +89,10 @@ def serve(
     seed: int = typer.Option(0, help="Seed of node sampling and of the devices' data order."),
     max_seq_len: int = typer.Option(0, help="Token limit per row on the devices (0: the bundle's maximum)."),
     weighting: str = typer.Option("examples", help="Merge weights: examples (each device's examples this round) or tokens (tokens it routed to the expert)."),
-    max_update_norm: float = typer.Option(0.0, help="Robustness: bound on the L2 norm of each expert's (router's, LoRA module's, head's) change in one update (0: no bound)."),
+    max_update_norm: str = typer.Option("auto", help=MAX_UPDATE_NORM_HELP),
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip (scale the change down to the bound) or reject (leave the update out)."),
+    max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
+    keep_checkpoints: int = typer.Option(3, help="Completed rounds kept in --state-dir (the newest, and that many minus one before it; at least 2): --resume-round can go back to any of them."),
     eval_every: int = typer.Option(1, help="Federated evaluation on the devices' held-out data (and central evaluation with --eval-data) every N rounds and after the last (0: never)."),
     eval_data: Optional[Path] = typer.Option(None, help="Data file on this host for centralised evaluation of the global model (needs torch: the export extra)."),
     eval_text_column: list[str] = typer.Option(["text"], help="Text column(s) of --eval-data."),
@@ -92,6 +100,7 @@ def serve(
     eval_label_map: Optional[str] = typer.Option(None, help="Label mapping of --eval-data, e.g. 1=World,2=Sports."),
     serve_artifacts: bool = typer.Option(True, "--serve-artifacts/--no-serve-artifacts", help="Send devices the tier files they lack."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last completed round saved in --state-dir."),
+    resume_round: int = typer.Option(0, help="With --resume: continue from this earlier kept round instead (see `fftmoe-coordinator checkpoints`); the rounds after it are dropped at the next save."),
     keep_updates: bool = typer.Option(False, "--keep-updates", help="Audit: keep every merged update in --state-dir/updates/round-N/ (disk grows by each device's upload per round)."),
     host: str = typer.Option("127.0.0.1", help="Address the SuperLink listens on; 0.0.0.0 to accept devices from the network."),
     port: int = typer.Option(9092, help="The SuperLink's port (devices join with --server HOST:PORT)."),
@@ -130,7 +139,8 @@ def serve(
             bundle=str(bundle.resolve()), state_dir=str(state_dir.resolve()), rounds=rounds, min_clients=min_clients, fraction=fraction,
             wait_seconds=wait_seconds, round_timeout=round_timeout, max_failed_rounds=max_failed_rounds, epochs=local_epochs,
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
-            max_update_norm=max_update_norm, norm_action=norm_action, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
+            max_update_norm=max_update_norm, norm_action=norm_action, max_share=max_share, keep_checkpoints=keep_checkpoints,
+            resume_round=resume_round, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
             keep_updates=keep_updates,
         )  # fmt: skip
@@ -142,7 +152,7 @@ def serve(
         _fail(f"--eval-data {eval_data}: no such file", EXIT_BAD_ARGS, json_out)
     if resume:
         try:
-            done = GlobalState.load(state_dir, manifest_id(manifest)).round
+            done = GlobalState.load(state_dir, manifest_id(manifest), resume_round or None).round
         except GlobalStateError as exc:
             _fail(str(exc), EXIT_INVALID, json_out, "state")
         if done >= rounds:
@@ -155,7 +165,8 @@ def serve(
 
     def announce(address: str) -> None:
         if not json_out:
-            err.print(f"SuperLink on {host}:{port} ({'TLS' if tls else 'insecure'}{', node authentication' if authorized_key else ''}); "
+            err.print(f"Fleet API on {host}:{port} ({'TLS' if tls else 'insecure'}{', node authentication' if authorized_key else ''}; "
+                      "the SuperLink's Control and Runtime APIs listen on loopback only); "
                       f"devices join with: fftmoe-edge join --server {address if host not in ('0.0.0.0', '') else 'THIS_HOST:' + str(port)} ...",
                       highlight=False)  # fmt: skip
 
@@ -213,8 +224,9 @@ def simulate(
     max_seq_len: int = typer.Option(0, help="Token limit per row (0: the bundle's maximum)."),
     eval_every: int = typer.Option(1, help="Evaluate (global and personalised) every N rounds and after the last; evaluation is about a third of a round's time."),
     weighting: str = typer.Option("examples", help="Merge weights: examples or tokens."),
-    max_update_norm: float = typer.Option(0.0, help="Bound on the L2 norm of each expert's change in one update (0: no bound)."),
+    max_update_norm: str = typer.Option("auto", help=MAX_UPDATE_NORM_HELP),
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip or reject."),
+    max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
     seed: int = typer.Option(0, help="Seed of the hold-out, partition, fleet order, sampling and data order."),
     parallel: int = typer.Option(0, help="Clients training at once (0: this machine's cores); each uses one thread."),
     verbose: bool = typer.Option(False, "--verbose", help="Echo the whole run log (it is always in OUT/run.log)."),
@@ -242,7 +254,7 @@ def simulate(
         manifest = load_manifest(bundle)
         run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
                "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting,
-               "max_update_norm": max_update_norm, "norm_action": norm_action}  # fmt: skip
+               "max_update_norm": max_update_norm, "norm_action": norm_action, "max_share": max_share}  # fmt: skip
         settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
                                min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,
                                text_columns=tuple(text_column), label_column=label_column, label_map=label_map or "", seed=seed,

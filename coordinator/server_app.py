@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,31 @@ import numpy as np
 
 from coordinator.merge import WEIGHTINGS
 from coordinator.plan import sample_nodes
-from coordinator.rounds import NORM_ACTIONS, Screened, apply_round, plan_round, screen_replies, seen_digests
+from coordinator.rounds import (
+    NORM_ACTIONS,
+    NormBound,
+    Screened,
+    Screening,
+    apply_round,
+    check_merged,
+    plan_round,
+    reply_limits,
+    screen_replies,
+    seen_digests,
+)
 from coordinator.state import LATEST, GlobalState
 from edge_runtime.bundle import Manifest, load_manifest, verify_files
+from edge_runtime.checkpoints import atomic_write_text
 from edge_runtime.faults import reach
 from edge_runtime.records import (
+    DeviceInfo,
     MessageError,
     artifacts_to_record,
     device_info_from_hello_reply,
+    evaluation_from_record,
     hello_to_record,
     instruction_to_record,
-    metrics_from_record,
+    printable,
     update_from_record,
 )
 from edge_runtime.update import Update, manifest_id
@@ -93,10 +107,18 @@ class RunSettings:
     max_seq_len: int = 0
     """Token limit per row on the devices; 0: the bundle's maximum (--max-seq-len)."""
     weighting: str = "examples"
-    max_update_norm: float = 0.0
-    """Bound on the L2 norm of each expert's (router's, LoRA module's, head's) change per round; 0: none (--max-update-norm)."""
+    max_update_norm: str = "auto"
+    """Bound on the L2 norm of each expert's (router's, LoRA module's, head's) change per round: auto (what AdamW can
+    move it in the node's steps), a number, or off (--max-update-norm; ``rounds.NormBound``)."""
     norm_action: str = "clip"
     """What an update over the bound gets: clip (scaled down to the bound) or reject (left out) (--norm-action)."""
+    max_share: float = 0.5
+    """Largest share of any one node in the mean of an expert, router row, LoRA module or the head; 1: no bound
+    (--max-share). With n holders the bound is never below 1/n."""
+    keep_checkpoints: int = 3
+    """Committed rounds kept in --state-dir, the newest last; --resume-round goes back to any of them (--keep-checkpoints)."""
+    resume_round: int = 0
+    """With --resume: continue from this kept round instead of the last (--resume-round; 0: the last)."""
     eval_every: int = 1
     """Federated and centralised evaluation every this many rounds, and after the last; 0: never (--eval-every)."""
     eval_data: str = ""
@@ -129,6 +151,7 @@ class RunSettings:
         return cls(**kwargs)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "max_update_norm", str(self.max_update_norm))  # a number given from Python, or the run config
         if not self.bundle or not self.state_dir:
             raise ValueError("--bundle and --state-dir are required")
         checks = [
@@ -140,12 +163,20 @@ class RunSettings:
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
             (self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}"),
             (self.eval_every >= 0 and self.max_failed_rounds >= 1 and self.chunk_mb >= 1, "--eval-every must be >= 0"),
-            (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0, f"--max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}"),
             (self.norm_action in NORM_ACTIONS, f"--norm-action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}"),
+            (math.isfinite(self.max_share) and 0 < self.max_share <= 1, f"--max-share must be in (0, 1] (1: no bound), got {self.max_share}"),
+            (self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 (the last round and one before it), got {self.keep_checkpoints}"),
+            (self.resume_round >= 0 and (self.resume or not self.resume_round), f"--resume-round needs --resume and must be >= 0, got {self.resume_round}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        NormBound.parse(self.max_update_norm)  # raises naming --max-update-norm
+
+    @property
+    def screening(self) -> Screening:
+        """How replies are screened: the update bound, what an update over it gets, the learning rate it assumes."""
+        return Screening(NormBound.parse(self.max_update_norm), self.norm_action, self.lr)
 
     def train_settings(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.lr, "max_steps": self.max_steps,
@@ -206,7 +237,8 @@ class FFTMoEStrategy:
         self.manifest: Manifest = load_manifest(self.bundle_dir)
         self.manifest_id = manifest_id(self.manifest)
         self.state_dir = Path(settings.state_dir)
-        self.devices: dict[int, dict[str, Any]] = {}  # node id -> its hello reply (tier, batch, backend, examples)
+        self.devices: dict[int, DeviceInfo] = {}  # node id -> its checked hello reply (tier, batch, backend, examples)
+        self.refused: dict[str, str] = {}  # node -> why its hello or evaluation was refused, for the next history entry
         self.central = None  # (global-model builder inputs, encoded eval data) when eval_data is set
 
     # -- set-up ------------------------------------------------------------------------------------------------
@@ -215,7 +247,7 @@ class FFTMoEStrategy:
         from safetensors.numpy import load_file
 
         if self.settings.resume:
-            state = GlobalState.load(self.state_dir, self.manifest_id)
+            state = GlobalState.load(self.state_dir, self.manifest_id, self.settings.resume_round or None)
             log.info("resuming from %s: %d round(s) done", self.state_dir, state.round)
             return state
         if (self.state_dir / LATEST).exists():
@@ -223,7 +255,7 @@ class FFTMoEStrategy:
         verify_files(self.bundle_dir, [self.manifest.global_pool])
         pool = load_file(str(self.bundle_dir / self.manifest.global_pool.path))
         state = GlobalState.initial(self.manifest_id, pool, self.manifest.num_layers, self.manifest.num_experts)
-        state.save(self.state_dir)
+        state.save(self.state_dir, self.settings.keep_checkpoints)
         return state
 
     # -- messaging ---------------------------------------------------------------------------------------------
@@ -249,7 +281,7 @@ class FFTMoEStrategy:
                 node = node_of.get(reply.metadata.reply_to_message_id)
                 if node is None or node in out:
                     continue
-                out[node] = f"error reply: {reply.error.reason}" if reply.has_error() else reply
+                out[node] = f"error reply: {printable(reply.error.reason)}" if reply.has_error() else reply
                 log.info("%s: %d/%d node(s) replied (node %s%s) after %.1f s", what, len(out), len(node_of), node,
                          ", failed" if isinstance(out[node], str) else "", timeout - (deadline - time.monotonic()))  # fmt: skip
             if len(out) < len(node_of):
@@ -272,24 +304,26 @@ class FFTMoEStrategy:
             time.sleep(2.0)
 
     def learn_devices(self, grid: Any, nodes: list[int]) -> dict[int, int]:
-        """Node -> tier for the sampled nodes that can train now: new nodes are asked (hello) and sent what they lack."""
+        """Node -> tier for the sampled nodes that can train now: new nodes are asked (hello) and sent what they lack.
+        A hello reply that fails its checks leaves that node out (named in the log and in the next history entry)."""
         new = [n for n in nodes if n not in self.devices]
         replies = self.exchange(grid, {n: message_to(n, hello_to_record(self.manifest), "query.hello") for n in new},
                                 self.settings.round_timeout, "hello")  # fmt: skip
         for node, reply in replies.items():
-            if isinstance(reply, str):
-                log.warning("node %s did not join: %s", node, reply)
-                continue
             try:
-                info = device_info_from_hello_reply(reply.content, self.manifest)
-            except MessageError as exc:
-                log.warning("node %s did not join: %s", node, exc)
+                info = reply if isinstance(reply, str) else device_info_from_hello_reply(reply.content, self.manifest)
+            except Exception as exc:  # noqa: BLE001  # a malformed reply rejects its node, never the run
+                info = str(exc) if isinstance(exc, MessageError) else f"unreadable hello reply ({type(exc).__name__}: {printable(exc)})"
+                self.refused[str(node)] = f"hello: {info}"
+            if isinstance(info, str):
+                log.warning("node %s did not join: %s", node, info)
                 continue
-            log.info("node %s: tier %s (%s), batch %s, backend %s, %s training examples%s", node, info["tier"], info.get("tier_reason"),
-                     info.get("batch_size"), info.get("backend"), info["train_examples"],
-                     f", lacks {len(info['missing'])} file(s), {info['missing_bytes'] / 1e6:.1f} MB" if info["missing"] else "")  # fmt: skip
+            log.info("node %s: tier %s (%s), batch %s, backend %s, %s training examples%s%s", node, info.tier, info.tier_reason,
+                     info.batch_size, info.backend, info.train_examples,
+                     f", lacks {len(info.missing)} file(s), {info.missing_bytes / 1e6:.1f} MB" if info.missing else "",
+                     f" (ignored {len(info.ignored)} listed file(s) its tier does not need)" if info.ignored else "")  # fmt: skip
             self.devices[node] = info
-        lacking = {n: self.devices[n]["missing"] for n in new if n in self.devices and self.devices[n]["missing"]}
+        lacking = {n: list(self.devices[n].missing) for n in new if n in self.devices and self.devices[n].missing}
         if lacking:
             if not self.settings.serve_artifacts:
                 for n in lacking:
@@ -297,7 +331,7 @@ class FFTMoEStrategy:
                     self.devices.pop(n)
             else:
                 self.serve_artifacts(grid, lacking)
-        return {n: int(self.devices[n]["tier"]) for n in nodes if n in self.devices}
+        return {n: self.devices[n].tier for n in nodes if n in self.devices}
 
     def serve_artifacts(self, grid: Any, lacking: dict[int, list[str]]) -> None:
         """Send each node the files it lacks, in messages of at most ``chunk_mb`` (large files in pieces); a node
@@ -320,7 +354,7 @@ class FFTMoEStrategy:
             queues = {n: q for n, q in queues.items() if q}
         for n in lacking:
             if n in self.devices:
-                self.devices[n]["missing"] = []
+                self.devices[n] = replace(self.devices[n], missing=(), missing_bytes=0)
 
     # -- one round (Flower's strategy shape) ------------------------------------------------------------------
 
@@ -330,8 +364,9 @@ class FFTMoEStrategy:
         messages = {n: message_to(n, instruction_to_record(ins), "train", str(ins.round)) for n, ins in sent.items()}
         return sent, messages
 
-    def aggregate_train(self, state: GlobalState, sent: dict[int, Any], replies: dict[int, Any]) -> tuple[GlobalState | None, Screened]:
-        """The next state, or None when fewer than ``min_clients`` valid updates arrived (nothing changes then)."""
+    def aggregate_train(self, state: GlobalState, sent: dict[int, Any], replies: dict[int, Any]) -> tuple[GlobalState | None, Screened, str]:
+        """(the next state, the screened replies, ""), or (None, screened, why) when fewer than ``min_clients`` valid
+        updates arrived or the merged state failed its check (nothing changes then)."""
         parsed: dict[int, tuple[Update, int] | str] = {}
         for node, reply in replies.items():
             if isinstance(reply, str):
@@ -339,11 +374,14 @@ class FFTMoEStrategy:
                 continue
             try:
                 parsed[node] = update_from_record(reply.content, f"reply of node {node}")
-            except MessageError as exc:
-                parsed[node] = f"malformed reply: {exc}"
-        screened = screen_replies(self.manifest, sent, parsed, self.settings.max_update_norm, self.settings.norm_action, seen_digests(state))
-        if len(screened.accepted) < self.settings.min_clients:
-            return None, screened
+            except Exception as exc:  # noqa: BLE001  # MessageError, or anything a hostile record raises while read
+                parsed[node] = f"malformed reply: {printable(exc)}"
+        s = self.settings
+        limits = {n: reply_limits(self.devices[n].train_examples, self.devices[n].batch_size, sent[n].train, self.manifest)
+                  for n in sent if n in self.devices}  # fmt: skip
+        screened = screen_replies(self.manifest, sent, parsed, s.screening, seen_digests(state), limits)
+        if len(screened.accepted) < s.min_clients:
+            return None, screened, f"{len(screened.accepted)} valid update(s), --min-clients is {s.min_clients}"
         accepted = screened.accepted
         weights = {n: u.num_examples for n, u in accepted.items()}
         total = sum(weights.values())
@@ -354,11 +392,18 @@ class FFTMoEStrategy:
             "examples": {str(n): w for n, w in weights.items()},
             "train_loss": sum(u.metrics.get("train_loss", 0.0) * weights[n] for n, u in accepted.items()) / total,
             "assignment": {str(n): sent[n].assignment for n in sent},
-            "names": {str(n): str(self.devices.get(n, {}).get("name", "")) for n in sent},
+            "names": {str(n): self.devices[n].name if n in self.devices else "" for n in sent},
             "client_metrics": {str(n): {k: float(u.metrics[k]) for k in CLIENT_METRICS if k in u.metrics} for n, u in accepted.items()},
             "expert_tokens": {str(n): expert_tokens(self.manifest.num_experts, sent[n].assignment, u.route_counts) for n, u in accepted.items()},
         }  # fmt: skip
-        return apply_round(state, self.manifest, screened, self.settings.weighting, record), screened
+        if self.refused:
+            record["refused"], self.refused = dict(self.refused), {}
+        new = apply_round(state, self.manifest, screened, s.weighting, record, s.max_share)
+        problem = check_merged(state.pool, new.pool, self.manifest, screened)
+        if problem:
+            log.error("round %d: the merged state is refused and not saved: %s", new.round, problem)
+            return None, screened, f"the merged state was refused ({problem})"
+        return new, screened, ""
 
     def configure_evaluate(self, state: GlobalState, tiers: dict[int, int]) -> dict[int, Any]:
         plan = plan_round(state, self.manifest, tiers, self.settings.train_settings())
@@ -366,26 +411,35 @@ class FFTMoEStrategy:
             ins.round = state.round
         return {n: message_to(n, instruction_to_record(ins), "evaluate", f"eval-{state.round}") for n, ins in plan.items()}
 
-    def aggregate_evaluate(self, round_: int, replies: dict[int, Any]) -> dict[str, float] | None:
-        """Example-weighted accuracy and loss over the nodes that evaluated; None when none did."""
-        results = []
+    def aggregate_evaluate(self, round_: int, replies: dict[int, Any]) -> dict[str, Any] | None:
+        """Example-weighted accuracy and loss over the nodes that evaluated; None when none did. A reply that fails
+        its checks (``evaluation_from_record``: counts above the node's hello figure, accuracy outside [0, 1], a
+        missing field) is left out and named in the log and in ``rejected``."""
+        results, rejected = [], {}
         for node, reply in replies.items():
             if isinstance(reply, str):
                 log.warning("evaluation on node %s failed: %s", node, reply)
                 continue
             try:
-                metrics, r = metrics_from_record(reply.content, f"evaluate reply of node {node}")
-            except MessageError as exc:
-                log.warning("%s", exc)
+                held = self.devices[node].eval_examples if node in self.devices else 0
+                evaluation, r = evaluation_from_record(reply.content, f"evaluate reply of node {node}", held)
+            except Exception as exc:  # noqa: BLE001  # a malformed reply rejects its node, never the round
+                rejected[str(node)] = printable(exc) if isinstance(exc, MessageError) else f"unreadable ({type(exc).__name__}: {printable(exc)})"
+                log.warning("evaluation of node %s rejected: %s", node, rejected[str(node)])
                 continue
-            if r == round_ and metrics.get("examples", 0) > 0:
-                results.append((node, metrics))
+            if r == round_ and evaluation.examples > 0:
+                results.append((node, evaluation))
         if not results:
-            return None
-        n = sum(m["examples"] for _, m in results)
-        return {"accuracy": sum(m["accuracy"] * m["examples"] for _, m in results) / n,
-                "loss": sum(m["loss"] * m["examples"] for _, m in results) / n, "examples": n, "nodes": float(len(results)),
-                "per_node": {str(node): {k: m[k] for k in ("accuracy", "loss", "examples")} for node, m in results}}  # fmt: skip
+            return {"rejected": rejected} if rejected else None
+        n = sum(e.examples for _, e in results)
+        out: dict[str, Any] = {
+            "accuracy": sum(e.accuracy * e.examples for _, e in results) / n, "loss": sum(e.loss * e.examples for _, e in results) / n,
+            "examples": n, "nodes": float(len(results)),
+            "per_node": {str(node): {"accuracy": e.accuracy, "loss": e.loss, "examples": float(e.examples)} for node, e in results},
+        }  # fmt: skip
+        if rejected:
+            out["rejected"] = rejected
+        return out
 
     def evaluate_central(self, state: GlobalState) -> dict[str, float] | None:
         if not self.settings.eval_data:
@@ -411,7 +465,7 @@ class FFTMoEStrategy:
             central = self.evaluate_central(state)
             log.info("round 0 (initial global model): central accuracy %.4f, loss %.4f", central["accuracy"], central["loss"])
             state.history.append({"round": 0, "central": central})
-            state.save(self.state_dir)
+            state.save(self.state_dir, s.keep_checkpoints)
         failures = 0
         while state.round < s.rounds:
             r = state.round + 1
@@ -431,13 +485,13 @@ class FFTMoEStrategy:
             replies = self.exchange(grid, messages, s.round_timeout, f"round {r} train", sent_point="round.sent")
             phases["train"], mark = time.monotonic() - mark, time.monotonic()
             reach("round.replies")
-            new, screened = self.aggregate_train(state, sent, replies)
+            new, screened, why = self.aggregate_train(state, sent, replies)
             phases["merge"], mark = time.monotonic() - mark, time.monotonic()
             for node, reason in screened.rejected.items():
                 if "no reply" in reason or "error reply" in reason:
                     self.devices.pop(node, None)  # ask again (tier, files) if it comes back
             if new is None:
-                failures = self._failed(r, failures, f"{len(screened.accepted)} valid update(s), --min-clients is {s.min_clients}")
+                failures = self._failed(r, failures, why)
                 continue
             failures = 0
             reach("round.merged")
@@ -447,8 +501,10 @@ class FFTMoEStrategy:
             if s.eval_every and (r % s.eval_every == 0 or r == s.rounds):  # and always after the last round
                 fed = self.aggregate_evaluate(r, self.exchange(grid, self.configure_evaluate(new, {n: tiers[n] for n in screened.accepted}),
                                                                s.round_timeout, f"round {r} evaluate"))  # fmt: skip
-                if fed is not None:
+                if fed is not None and "accuracy" in fed:
                     entry["federated"] = fed
+                elif fed is not None:
+                    entry["evaluate_rejected"] = fed["rejected"]
                 phases["evaluate"], mark = time.monotonic() - mark, time.monotonic()
                 central = self.evaluate_central(new)
                 if central is not None:
@@ -456,7 +512,7 @@ class FFTMoEStrategy:
                 phases["central"], mark = time.monotonic() - mark, time.monotonic()
             entry["seconds"] = round(time.monotonic() - started, 2)
             entry["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
-            new.save(self.state_dir)
+            new.save(self.state_dir, s.keep_checkpoints)
             reach("round.saved")
             state = new
             self.write_progress(state)
@@ -486,7 +542,7 @@ class FFTMoEStrategy:
         return folder
 
     def write_progress(self, state: GlobalState) -> None:
-        (self.state_dir / HISTORY_FILE).write_text(json.dumps(state.history, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(self.state_dir / HISTORY_FILE, json.dumps(state.history, indent=1) + "\n", fault_point="")
         plot_progress(state.history, self.state_dir / PLOT_FILE)
 
 

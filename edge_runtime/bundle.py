@@ -565,6 +565,16 @@ def verify_files(bundle_dir: Path | str, entries: list[FileEntry]) -> None:
             raise IntegrityError(f"{full}: sha256 {actual} differs from the manifest's {entry.sha256}: the file was changed")
 
 
+BACKEND_NAMES = ("ort", "torch")
+"""The training backends a device may run: ONNX Runtime on the tier's artifacts, or PyTorch on ``encoder/``."""
+
+
+def needed_files(manifest: Manifest, slots: int, backend: str) -> list[FileEntry]:
+    """What training tier ``slots`` on ``backend`` reads: the backend's files (``backend_files``) and the tokenizer.
+    A device fetches exactly these; the coordinator never sends anything else."""
+    return [*backend_files(manifest, slots, backend), *manifest.tokenizer_files]
+
+
 def backend_files(manifest: Manifest, slots: int, backend: str) -> list[FileEntry]:
     """The files a backend reads to train tier ``slots``: ONNX Runtime the tier's four artifacts; PyTorch the
     ``encoder/`` folder, from which it builds the tier itself (it reads none of the ORT artifacts, which for MiniLM

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Callable
 
 from edge_runtime.bundle import sha256_file
@@ -35,14 +36,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file, never a part."""
+def atomic_write_text(path: Path, text: str, fault_point: str = "checkpoint.pointer-partial") -> None:
+    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file, never a part.
+    ``fault_point`` is reached between the two (empty: none; only a checkpoint's pointer is a fault point)."""
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    reach("checkpoint.pointer-partial")
+    if fault_point:
+        reach(fault_point)
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -53,12 +56,14 @@ def checkpoint_name(prefix: str, number: str) -> str:
 
 
 def commit_checkpoint(
-    root: Path, prefix: str, number: str, write: Callable[[Path], None], pointer: Path, pointer_text: Callable[[str, dict[str, str]], str]
+    root: Path, prefix: str, number: str, write: Callable[[Path], None], pointer: Path, pointer_text: Callable[[str, dict[str, str]], str],
+    spare: Collection[str] = (),
 ) -> Path:
     """Save one checkpoint folder under ``root`` and commit it.
 
     ``write(folder)`` writes the files; ``pointer_text(name, {file: sha256})`` gives the pointer's content, which is
-    written to ``pointer`` atomically; then the other ``prefix*`` folders are deleted. Returns the new folder.
+    written to ``pointer`` atomically; then the other ``prefix*`` folders are deleted, except those named in
+    ``spare`` (older checkpoints the pointer still lists). Returns the new folder.
     """
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(prefix, number)
@@ -77,7 +82,7 @@ def commit_checkpoint(
     atomic_write_text(pointer, pointer_text(name, files))
     reach("checkpoint.committed")
     for old in root.glob(prefix + "*"):
-        if old.name != name:
+        if old.name != name and old.name not in spare:
             shutil.rmtree(old, ignore_errors=True)
     return root / name
 

@@ -32,14 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import BundleError, FileEntry, IntegrityError, Manifest, ManifestError, backend_files, load_manifest, sha256_file
+from edge_runtime.bundle import BundleError, FileEntry, IntegrityError, Manifest, ManifestError, load_manifest, needed_files, sha256_file
 from edge_runtime.records import (
     MessageError,
     artifacts_from_record,
+    check_manifest_id,
     hello_reply_to_record,
     instruction_from_record,
     manifest_from_hello,
     metrics_to_record,
+    printable,
     update_to_record,
 )
 
@@ -140,30 +142,31 @@ evaluation sessions. A SuperNode's ClientApp process handles one message, so the
 
 
 def _toml(v: Any) -> str:
+    """A TOML value for Flower's ``--node-config 'k=v k2=v2'``. Flower splits that string with a regular expression
+    in which a double-quoted value ends at the next ``"`` (``flwr.common.config.parse_config_args``), so a string is
+    a TOML basic string with ``"`` and ``\\`` and every control character written as ``\\uXXXX``: any path or
+    option reaches the device unchanged (checked against Flower's parser in tests/edge_runtime/test_client_app.py)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(str(v))  # a TOML basic string
+    return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                         for c in str(v)) + '"'  # fmt: skip
 
 
 # -- the device's bundle ---------------------------------------------------------------------------------------
 
 
 def bundle_dir_for(node: NodeSettings, manifest: Manifest | None, mid: str) -> Path:
-    """The pre-provisioned bundle, or this bundle's cache folder (with its manifest written on first contact)."""
+    """The pre-provisioned bundle, or this bundle's cache folder (with its manifest written on first contact).
+    ``mid`` must be a bundle id (16 hex digits): it names a folder inside the cache, never a path out of it."""
     if node.bundle is not None:
         return node.bundle
-    folder = node.cache_dir / mid
+    folder = node.cache_dir / check_manifest_id(mid, "bundle id")
     if manifest is not None and not (folder / "manifest.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         manifest.save(folder)
     return folder
-
-
-def needed_files(manifest: Manifest, slots: int, backend: str) -> list[FileEntry]:
-    """What training a tier reads: the tokenizer, and the tier's ORT artifacts or, for the PyTorch backend, the encoder."""
-    return [*backend_files(manifest, slots, backend), *manifest.tokenizer_files]
 
 
 def missing_files(bundle_dir: Path, entries: list[FileEntry]) -> list[FileEntry]:
@@ -203,14 +206,15 @@ def write_chunks(folder: Path, mid: str, listed: list[dict[str, Any]], chunks: d
     for c in listed:
         entry = entries.get(c["path"])
         if entry is None:
-            raise ManifestError(f"artifact {c['path']!r} is not a file of bundle {mid}")
+            raise ManifestError(f"artifact {printable(repr(c['path']), 80)} is not a file of bundle {mid}")
+        data = chunks[c["key"]]
+        if c["offset"] + len(data) > entry.size or (c["offset"] >= entry.size and entry.size > 0):
+            raise MessageError(f"artifact {entry.path}: a piece of {len(data)} bytes at offset {c['offset']} does not fit its {entry.size} bytes")
         target = folder / entry.path
         part = target.with_name(target.name + ".part")
+        _safe_parents(folder, part)
         part.parent.mkdir(parents=True, exist_ok=True)
-        data = chunks[c["key"]]
-        with open(part, "r+b" if c["offset"] > 0 and part.exists() else "wb") as fh:
-            fh.seek(c["offset"])
-            fh.write(data)
+        _write_piece(part, c["offset"], data)
         if c["offset"] + len(data) >= entry.size:
             actual = sha256_file(part)
             if part.stat().st_size != entry.size or actual != entry.sha256:
@@ -219,6 +223,31 @@ def write_chunks(folder: Path, mid: str, listed: list[dict[str, Any]], chunks: d
             os.replace(part, target)
             done.append(entry.path)
     return done
+
+
+def _safe_parents(root: Path, path: Path) -> None:
+    """Refuse to write ``path`` when a folder between ``root`` and it is a symbolic link (which could point out of
+    the cache)."""
+    current = root
+    for part in path.relative_to(root).parts[:-1]:
+        current = current / part
+        if current.is_symlink():
+            raise IntegrityError(f"{current} is a symbolic link; a bundle's folders in the cache must be real folders (delete it)")
+
+
+def _write_piece(part: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of the ``.part`` file, never following a symbolic link there (O_NOFOLLOW): a
+    link planted in the cache cannot redirect the write to another file."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if offset == 0:
+        flags |= os.O_TRUNC
+    try:
+        fd = os.open(part, flags, 0o644)
+    except OSError as exc:
+        raise IntegrityError(f"{part}: cannot be written ({exc}); a symbolic link there is refused") from exc
+    with os.fdopen(fd, "wb") as fh:
+        fh.seek(offset)
+        fh.write(data)
 
 
 def _device_profile(node: NodeSettings):  # noqa: ANN202
@@ -319,6 +348,8 @@ def _build_app():  # noqa: ANN202
     def artifacts(msg: Message, context: Context) -> Message:
         node = NodeSettings.from_context(dict(context.node_config), dict(context.run_config))
         meta, chunks = artifacts_from_record(msg.content)
+        if node.bundle is not None:
+            raise BundleError(f"this device uses the pre-provisioned bundle {node.bundle} (--bundle) and accepts no files from the coordinator")
         folder = bundle_dir_for(node, None, str(meta["manifest_id"]))
         done = write_chunks(folder, str(meta["manifest_id"]), meta["chunks"], chunks)
         return Message(hello_reply_to_record({"verified": done}), reply_to=msg)

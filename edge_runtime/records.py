@@ -22,12 +22,14 @@ running (``Message`` cannot be built outside a running app).
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import BundleError, Manifest
+from edge_runtime.bundle import BACKEND_NAMES, BundleError, Manifest, needed_files
 from edge_runtime.update import Update, UpdateError, manifest_id
 
 MESSAGES_FORMAT = "fftmoe-messages"
@@ -37,6 +39,48 @@ META_KEY = "fftmoe"
 
 class MessageError(UpdateError):
     """A message's content is malformed; the message names the field."""
+
+
+MAX_COUNT = 2**53
+"""The largest example or token count a message may carry: the largest integer a float64 holds exactly (a count
+is weighed and summed as a float; ``10**309`` would overflow)."""
+MAX_TEXT = 200
+"""Device-chosen strings (names, reasons) are cut to this many characters before they reach a log or history."""
+MANIFEST_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: object, limit: int = MAX_TEXT) -> str:
+    """A peer-chosen value as it may appear in a log line or ``history.json``: every character outside printable
+    ASCII replaced by ``?`` (no terminal escapes, no forged log lines), cut to ``limit`` characters."""
+    out = _UNPRINTABLE.sub("?", str(text))
+    return out if len(out) <= limit else out[: max(0, limit - 3)] + "..."
+
+
+def check_manifest_id(value: Any, where: str) -> str:
+    """A bundle id as ``manifest_id`` writes it (16 lowercase hex digits): it names a cache folder on the device, so
+    anything else (``../x``, an absolute path) is refused."""
+    if not isinstance(value, str) or not MANIFEST_ID_PATTERN.fullmatch(value):
+        raise MessageError(f"{where}: 'manifest_id' must be 16 lowercase hex digits, got {printable(repr(value), 60)}")
+    return value
+
+
+def count_field(obj: dict[str, Any], key: str, where: str, low: int = 0, high: int = MAX_COUNT, default: int | None = None) -> int:
+    """An integer field in ``[low, high]`` (not a boolean, not a float); ``default`` when absent, if given."""
+    if key not in obj and default is not None:
+        return default
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise MessageError(f"{where}: {key!r} must be an integer in [{low}, {high}], got {printable(repr(value), 60)}")
+    return value
+
+
+def text_field(obj: dict[str, Any], key: str, where: str) -> str:
+    """An optional string field, made printable and cut to ``MAX_TEXT`` characters."""
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise MessageError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return printable(value)
 
 
 @dataclass
@@ -78,6 +122,7 @@ def instruction_to_record(ins: TrainInstruction) -> Any:
 
 def instruction_from_record(content: Any) -> TrainInstruction:
     meta = _meta(content, "train instruction")
+    check_manifest_id(meta.get("manifest_id"), "train instruction")
     try:
         values = _arrays(content.array_records["values"])
         target = np.asarray(meta["routing_target"], np.float32)
@@ -102,6 +147,8 @@ def update_from_record(content: Any, where: str = "reply") -> tuple[Update, int]
         tensors = _arrays(content.array_records["update"])
     except KeyError:
         raise MessageError(f"{where}: no 'update' array record") from None
+    except (ValueError, TypeError, AttributeError) as exc:  # an Array whose dtype, shape and bytes do not agree
+        raise MessageError(f"{where}: an array of the 'update' record cannot be read ({printable(exc, 120)})") from None
     if not isinstance(meta.get("round"), int):
         raise MessageError(f"{where}: 'round' must be an integer, got {meta.get('round')!r}")
     return Update.from_parts(meta.get("update"), tensors, where), meta["round"]
@@ -145,19 +192,58 @@ def hello_reply_from_record(content: Any) -> dict[str, Any]:
     return reply
 
 
-def device_info_from_hello_reply(content: Any, manifest: Manifest) -> dict[str, Any]:
-    """The hello reply's fields, checked: a tier of the bundle, a positive batch size, a list of bundle files."""
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a device says of itself in its hello reply, every field checked (``device_info_from_hello_reply``)."""
+
+    tier: int
+    batch_size: int
+    backend: str
+    train_examples: int
+    eval_examples: int
+    missing: tuple[str, ...]
+    """The files of its tier it lacks: listed by the device, de-duplicated and limited to what the tier needs."""
+    missing_bytes: int
+    """Their size by the coordinator's manifest (the device's own figure is not used)."""
+    name: str = ""
+    tier_reason: str = ""
+    backend_reason: str = ""
+    ignored: tuple[str, ...] = ()
+    """Files the device listed that its tier and backend do not need (never sent)."""
+
+
+MAX_BATCH = 1 << 16
+"""The largest local batch a hello reply may state."""
+
+
+def device_info_from_hello_reply(content: Any, manifest: Manifest) -> DeviceInfo:
+    """The hello reply's fields, each checked: a tier of the bundle, a known backend, bounded counts, strings made
+    printable, and a ``missing`` list of bundle files. That list is de-duplicated and limited to the files the tier
+    needs on that backend, so a device can never make the coordinator send more than one copy of its tier's files."""
     reply = hello_reply_from_record(content)
-    tier = reply.get("tier")
-    if not isinstance(tier, int) or tier not in manifest.tiers:
-        raise MessageError(f"hello reply: tier {tier!r} is not one of the bundle's tiers {sorted(manifest.tiers)}")
-    known = {e.path for e in manifest.all_files()}
-    missing = reply.get("missing", [])
-    if not isinstance(missing, list) or any(m not in known for m in missing):
-        raise MessageError(f"hello reply: 'missing' must list files of the bundle, got {missing!r:.120}")
-    if not isinstance(reply.get("train_examples"), int) or reply["train_examples"] < 1:
-        raise MessageError(f"hello reply: 'train_examples' must be a positive integer, got {reply.get('train_examples')!r}")
-    return reply
+    where = "hello reply"
+    tier = count_field(reply, "tier", where, 1, max(manifest.tiers))
+    if tier not in manifest.tiers:
+        raise MessageError(f"hello reply: tier {tier} is not one of the bundle's tiers {sorted(manifest.tiers)}")
+    backend = reply.get("backend")
+    if backend not in BACKEND_NAMES:
+        raise MessageError(f"hello reply: 'backend' must be one of {', '.join(BACKEND_NAMES)}, got {printable(repr(backend), 40)}")
+    known = {e.path: e for e in manifest.all_files()}
+    listed = reply.get("missing", [])
+    if not isinstance(listed, list) or len(listed) > len(known) * 4 or any(not isinstance(m, str) or m not in known for m in listed):
+        raise MessageError(f"hello reply: 'missing' must list files of the bundle, got {printable(repr(listed), 120)}")
+    if "missing_bytes" in reply:
+        count_field(reply, "missing_bytes", where, 0, MAX_COUNT)
+    needed = {e.path for e in needed_files(manifest, tier, backend)}
+    unique = list(dict.fromkeys(listed))
+    missing = tuple(m for m in unique if m in needed)
+    return DeviceInfo(
+        tier=tier, batch_size=count_field(reply, "batch_size", where, 1, MAX_BATCH), backend=backend,
+        train_examples=count_field(reply, "train_examples", where, 1), eval_examples=count_field(reply, "eval_examples", where, 0, default=0),
+        missing=missing, missing_bytes=sum(known[m].size for m in missing), name=text_field(reply, "name", where),
+        tier_reason=text_field(reply, "tier_reason", where), backend_reason=text_field(reply, "backend_reason", where),
+        ignored=tuple(m for m in unique if m not in needed),
+    )  # fmt: skip
 
 
 def artifacts_to_record(mid: str, chunks: list[tuple[str, int, bytes]]) -> Any:
@@ -170,13 +256,20 @@ def artifacts_to_record(mid: str, chunks: list[tuple[str, int, bytes]]) -> Any:
 
 
 def artifacts_from_record(content: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The artifacts message's meta (a checked ``manifest_id`` and its chunks: path, offset, key) and the bytes by
+    key. Where the pieces may be written is checked against the manifest by the device (``write_chunks``)."""
     meta = _meta(content, "artifacts")
+    check_manifest_id(meta.get("manifest_id"), "artifacts")
     try:
         data = content.config_records["chunks"]
-        chunks = {c["key"]: bytes(data[c["key"]]) for c in meta["chunks"]}
+        if not isinstance(meta["chunks"], list):
+            raise TypeError("'chunks' is not a list")
         for c in meta["chunks"]:
-            if not isinstance(c["offset"], int) or c["offset"] < 0 or not isinstance(c["path"], str):
-                raise ValueError(f"chunk {c!r:.80}")
+            if not isinstance(c, dict) or not isinstance(c.get("path"), str) or not isinstance(c.get("key"), str):
+                raise ValueError(f"chunk {printable(repr(c), 80)}")
+            if not isinstance(c.get("offset"), int) or isinstance(c["offset"], bool) or not 0 <= c["offset"] < MAX_COUNT:
+                raise ValueError(f"chunk offset {printable(repr(c.get('offset')), 40)}")
+        chunks = {c["key"]: bytes(data[c["key"]]) for c in meta["chunks"]}
     except (KeyError, TypeError, ValueError) as exc:
         raise MessageError(f"artifacts: missing or malformed chunk ({exc})") from None
     return meta, chunks
@@ -188,6 +281,33 @@ def metrics_to_record(round_: int, metrics: dict[str, float]) -> Any:
     return RecordDict({META_KEY: _meta_record({"round": round_, "metrics": {k: float(v) for k, v in metrics.items()}})})
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A device's evaluation on its held-out share: examples (0: it holds none) and, when > 0, accuracy and loss."""
+
+    examples: int
+    accuracy: float = 0.0
+    loss: float = 0.0
+
+
+def evaluation_from_record(content: Any, where: str = "evaluate reply", max_examples: int = MAX_COUNT) -> tuple[Evaluation, int]:
+    """The evaluation a reply reports and the round it answers, each field checked: ``examples`` an integer count
+    of at most ``max_examples`` (the device's hello figure); with examples, ``accuracy`` in [0, 1] and a finite
+    ``loss`` >= 0."""
+    metrics, round_ = metrics_from_record(content, where)
+    examples = metrics.get("examples")
+    if examples is None or examples != int(examples) or not 0 <= examples <= max_examples:
+        raise MessageError(f"{where}: 'examples' must be an integer count in [0, {max_examples}], got {examples!r}")
+    if examples == 0:
+        return Evaluation(0), round_
+    accuracy, loss = metrics.get("accuracy"), metrics.get("loss")
+    if accuracy is None or not 0.0 <= accuracy <= 1.0:
+        raise MessageError(f"{where}: 'accuracy' must be a number in [0, 1], got {accuracy!r}")
+    if loss is None or not (math.isfinite(loss) and loss >= 0):
+        raise MessageError(f"{where}: 'loss' must be a finite number >= 0, got {loss!r}")
+    return Evaluation(int(examples), accuracy, loss), round_
+
+
 def metrics_from_record(content: Any, where: str = "evaluate reply") -> tuple[dict[str, float], int]:
     meta = _meta(content, where)
     metrics = meta.get("metrics")
@@ -195,7 +315,11 @@ def metrics_from_record(content: Any, where: str = "evaluate reply") -> tuple[di
         raise MessageError(f"{where}: needs an integer 'round' and a 'metrics' object")
     out = {}
     for k, v in metrics.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
-            raise MessageError(f"{where}: metric {k!r} must be a finite number, got {v!r}")
+        try:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if not ok:
+            raise MessageError(f"{where}: metric {printable(repr(k), 40)} must be a finite number, got {printable(repr(v), 40)}")
         out[str(k)] = float(v)
     return out, meta["round"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from coordinator.rounds import apply_round, plan_round, screen_replies, seen_digests
+from coordinator.rounds import NormBound, Screening, apply_round, plan_round, screen_replies, seen_digests
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
 from edge_runtime.update import Update, manifest_id
@@ -77,7 +77,7 @@ def test_norm_bound_clips_each_unit_against_numpy(tiny_bundle: Path) -> None:
         big.tensors[f"{expert}.{t}"] = sent[10].values[f"{expert}.{t}"] + 50.0  # a far larger change than the rest
     replies = {10: (big, 1), 11: (trained(sent[11], 10, 2), 1)}
     bound = 5.0
-    screened = screen_replies(manifest, sent, replies, max_norm=bound, norm_action="clip")
+    screened = screen_replies(manifest, sent, replies, Screening(NormBound.parse(bound), "clip"))
     assert sorted(screened.accepted) == [10, 11] and list(screened.clipped[10]) == [expert]
     # The reference: every unit's change, measured and scaled directly.
     delta = np.concatenate([(big.tensors[f"{expert}.{t}"].astype(np.float64) - sent[10].values[f"{expert}.{t}"]).ravel() for t in ("w1", "b1", "w2", "b2")])
@@ -95,10 +95,10 @@ def test_norm_bound_clips_each_unit_against_numpy(tiny_bundle: Path) -> None:
     new = apply_round(state, manifest, screened)
     assert new.history[-1]["clipped"] == {"10": {expert: pytest.approx(np.linalg.norm(delta))}}
 
-    rejected = screen_replies(manifest, sent, replies, max_norm=bound, norm_action="reject")
+    rejected = screen_replies(manifest, sent, replies, Screening(NormBound.parse(bound), "reject"))
     assert sorted(rejected.accepted) == [11] and f"e.g. {expert} by" in rejected.rejected[10] and "--max-update-norm 5" in rejected.rejected[10]
     with pytest.raises(ValueError, match="norm_action"):
-        screen_replies(manifest, sent, replies, max_norm=bound, norm_action="drop")
+        Screening(NormBound.parse(bound), "drop")
 
 
 def test_replayed_updates_are_refused_in_the_round_and_after(tiny_bundle: Path) -> None:

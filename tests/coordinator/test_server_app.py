@@ -13,7 +13,7 @@ from coordinator.plan import assign_experts, sample_nodes, spread_assignment
 from coordinator.server_app import FFTMoEStrategy, RunSettings, round_line
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
-from edge_runtime.records import update_to_record
+from edge_runtime.records import DeviceInfo, update_to_record
 from edge_runtime.update import manifest_id
 from tests.coordinator.test_rounds import trained
 
@@ -54,20 +54,21 @@ def test_aggregate_merges_valid_replies_and_refuses_a_short_round(tiny_bundle: P
     from coordinator.rounds import plan_round
 
     sent = plan_round(state, manifest, {1: 1, 2: 2, 3: 4}, {"epochs": 1})
+    strategy.devices = {n: DeviceInfo(sent[n].tier, 8, "ort", 40, 4, (), 0) for n in sent}  # what their hellos said
     ups = {n: trained(sent[n], 10 * n, n) for n in sent}
     for n, u in ups.items():
         u.metrics = {"train_loss": float(n)}
     bad = trained(sent[3], 5, 9)
     bad.tensors["head.weight"] = bad.tensors["head.weight"][:, :-1]
     reply = lambda u: SimpleNamespace(content=update_to_record(u, 1))  # noqa: E731
-    new, screened = strategy.aggregate_train(state, sent, {1: reply(ups[1]), 2: reply(ups[2]), 3: reply(bad)})
+    new, screened, _ = strategy.aggregate_train(state, sent, {1: reply(ups[1]), 2: reply(ups[2]), 3: reply(bad)})
     assert new is not None and sorted(screened.accepted) == [1, 2] and "head.weight" in screened.rejected[3]
     entry = new.history[-1]
     assert entry["train_loss"] == pytest.approx((10 * 1 + 20 * 2) / 30)
     assert entry["sent_bytes"]["3"] == sum(v.nbytes for v in sent[3].values.values()) and "3" not in entry["received_bytes"]
     assert entry["received_bytes"]["2"] == sum(v.nbytes for v in ups[2].tensors.values())
-    none, short = strategy.aggregate_train(state, sent, {1: reply(ups[1]), 2: "no reply within 60 s", 3: reply(bad)})
-    assert none is None and sorted(short.rejected) == [2, 3]
+    none, short, why = strategy.aggregate_train(state, sent, {1: reply(ups[1]), 2: "no reply within 60 s", 3: reply(bad)})
+    assert none is None and sorted(short.rejected) == [2, 3] and why == "1 valid update(s), --min-clients is 2"
     line = round_line({**entry, "seconds": 12.0, "federated": {"accuracy": 0.5, "loss": 1.0}}, 5, 3)
     assert line.startswith("round 1/5: 2/3 node(s) merged, 1 rejected") and "federated accuracy 0.5000" in line
 
@@ -78,7 +79,8 @@ def test_run_settings_survive_the_flower_app_config(tmp_path: Path) -> None:
 
     from coordinator.deploy import write_app
 
-    s = RunSettings(bundle="b", state_dir="s", max_update_norm=2.5, norm_action="reject", weighting="tokens", eval_every=5)
+    s = RunSettings(bundle='b "quoted" \\ back\'slash', state_dir="s\nwith a new line\t\u00e9", max_update_norm=2.5, norm_action="reject",
+                    weighting="tokens", eval_every=5, eval_label_map='1="World",2=Sports', max_share=0.25, keep_checkpoints=4)
     app = write_app(tmp_path, s)
     config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert RunSettings.from_run_config(config) == s

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 from coordinator.rounds import plan_round
 from coordinator.state import GlobalState
 from edge_runtime.bundle import IntegrityError, load_manifest
-from edge_runtime.client_app import _CACHE, NodeSettings, _run, bundle_dir_for, missing_files, needed_files
+from edge_runtime.bundle import needed_files
+from edge_runtime.client_app import _CACHE, NodeSettings, _run, bundle_dir_for, missing_files
 from edge_runtime.records import instruction_to_record, metrics_from_record, update_from_record
 from edge_runtime.update import manifest_id
 from tests.conftest import write_tiny_csv
@@ -29,6 +30,17 @@ def test_node_settings_survive_flowers_node_config_parser(tmp_path: Path) -> Non
     assert auto.tier is None and auto.bundle is None and auto.max_memory is None
     with pytest.raises(ValueError, match="lacks 'data'"):
         NodeSettings.from_node_config({})
+
+
+@pytest.mark.parametrize("text", ['a "quoted" name', "both ' and \"", "back\\slash\\", "new\nline\ttab\x00nul", "x=y z=w", "\u00e9t\u00e9 \U0001f600", "'", '"'])
+def test_any_string_survives_flowers_node_config_parser(tmp_path: Path, text: str) -> None:
+    """Flower cuts --node-config at the next double quote: a quote in a path or option once broke the device's
+    settings. Every string must come back unchanged through Flower's own parser."""
+    from flwr.common.config import parse_config_args
+
+    node = NodeSettings(data=tmp_path / f"d {text}.csv", cache_dir=tmp_path / text.replace("\x00", ""), label_map=text, name=text,
+                        label_column=text, text_columns=(text, "b"))  # fmt: skip
+    assert NodeSettings.from_node_config(parse_config_args([node.to_node_config()])) == node
 
 
 def test_train_and_evaluate_messages_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -106,6 +118,44 @@ def test_a_damaged_download_is_discarded_and_named(tiny_bundle: Path, tmp_path: 
     with pytest.raises(IntegrityError, match=f"received {target.path}: sha256"):
         write_chunks(folder, mid, [{"path": target.path, "offset": 0, "key": "c"}], {"c": payload[:-1] + bytes([payload[-1] ^ 1])})
     assert not (folder / target.path).exists() and not (folder / (target.path + ".part")).exists()
+
+
+def test_hostile_artifact_messages_are_refused_before_anything_is_written(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A coordinator's artifacts message names a cache folder (its bundle id) and pieces of files: an id that is not
+    16 hex digits, a piece beyond the file's size, and a symbolic link planted where a piece is written are refused,
+    and nothing is written outside the cache."""
+    from edge_runtime.client_app import write_chunks
+    from edge_runtime.records import MessageError, artifacts_from_record, artifacts_to_record
+
+    manifest = load_manifest(tiny_bundle)
+    mid = manifest_id(manifest)
+    node = NodeSettings(data=tmp_path / "d.csv", cache_dir=tmp_path / "cache", tier=1)
+    for bad in ("../../outside", "/etc", mid.upper(), mid + "0", ""):
+        with pytest.raises(MessageError, match="16 lowercase hex digits"):
+            bundle_dir_for(node, manifest, bad)
+        with pytest.raises(MessageError, match="16 lowercase hex digits"):
+            artifacts_from_record(artifacts_to_record(bad, [("manifest.json", 0, b"x")]))
+    assert not (tmp_path / "outside").exists()
+    folder = bundle_dir_for(node, manifest, mid)
+    entry = needed_files(manifest, 1, "ort")[0]
+    with pytest.raises(MessageError, match="does not fit"):
+        write_chunks(folder, mid, [{"path": entry.path, "offset": entry.size, "key": "a"}], {"a": b"x"})
+    with pytest.raises(MessageError, match="does not fit"):
+        write_chunks(folder, mid, [{"path": entry.path, "offset": 0, "key": "a"}], {"a": b"x" * (entry.size + 1)})
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("keep me")
+    part = folder / (entry.path + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.symlink_to(secret)
+    with pytest.raises(IntegrityError, match="symbolic link"):
+        write_chunks(folder, mid, [{"path": entry.path, "offset": 0, "key": "a"}], {"a": b"overwritten"})
+    assert secret.read_text() == "keep me"
+    part.unlink()
+    (folder / "tiers" / "t1").rename(folder / "tiers" / "real")
+    (folder / "tiers" / "t1").symlink_to(tmp_path)  # a linked folder on the way to the file
+    with pytest.raises(IntegrityError, match="symbolic link"):
+        write_chunks(folder, mid, [{"path": entry.path, "offset": 0, "key": "a"}], {"a": b"x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "elsewhere.txt"]
 
 
 def test_peak_memory_window_starts_at_each_message() -> None:

@@ -110,7 +110,7 @@ def test_the_pytorch_backend_trains_from_the_encoder_without_the_tiers_ort_artif
     """A board on the PyTorch backend (a Raspberry Pi) downloads only what ``needed_files`` names: the encoder and
     the tokenizer, none of the tier's ORT artifacts. A session opens, verifies and trains from exactly those files,
     and the ORT backend is refused there, naming the missing artifact."""
-    from edge_runtime.client_app import needed_files
+    from edge_runtime.bundle import needed_files
 
     manifest = load_manifest(tiny_bundle)
     needed = needed_files(manifest, 2, "torch")
