@@ -468,6 +468,36 @@ def export(
         Console().print(f"wrote {out}/model.onnx: the global model after round {state.round}", highlight=False)
 
 
+@app.command(epilog="Exit codes: 0 listed; 3 the state folder has no readable checkpoint.")
+def checkpoints(
+    state_dir: Path = typer.Option(Path("runs/federation"), help="State folder of `serve` (or a simulation's OUT/state)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the completed rounds kept in a state folder (newest first), each checked against its recorded SHA-256:
+    `serve --resume --resume-round N` continues from any round marked ok."""
+    from coordinator.state import GlobalState, GlobalStateError, kept_checkpoints
+
+    rows = []
+    for entry in kept_checkpoints(state_dir):
+        try:
+            state = GlobalState.load(state_dir, round=entry["round"])
+            rows.append({"round": entry["round"], "checkpoint": entry["checkpoint"], "ok": True, "history_entries": len(state.history)})
+        except GlobalStateError as exc:
+            rows.append({"round": entry["round"], "checkpoint": entry["checkpoint"], "ok": False, "error": str(exc)})
+    if not rows:
+        _fail(f"{state_dir}: no committed checkpoint (latest.json missing or unreadable)", EXIT_INVALID, json_out, "state")
+    if json_out:
+        print(json.dumps({"state_dir": str(state_dir), "checkpoints": rows}))
+        return
+    table = Table()
+    for col in ("round", "checkpoint", "status"):
+        table.add_column(col)
+    for i, r in enumerate(rows):
+        status = ("ok" + (" (latest)" if i == 0 else "")) if r["ok"] else f"damaged: {r['error']}"
+        table.add_row(str(r["round"]), r["checkpoint"], status)
+    Console().print(table)
+
+
 from coordinator.reference import EPILOG as REFERENCE_EPILOG, reference_command  # noqa: E402
 
 app.command("reference", epilog=REFERENCE_EPILOG)(reference_command)

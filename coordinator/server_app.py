@@ -310,19 +310,7 @@ class FFTMoEStrategy:
         replies = self.exchange(grid, {n: message_to(n, hello_to_record(self.manifest), "query.hello") for n in new},
                                 self.settings.round_timeout, "hello")  # fmt: skip
         for node, reply in replies.items():
-            try:
-                info = reply if isinstance(reply, str) else device_info_from_hello_reply(reply.content, self.manifest)
-            except Exception as exc:  # noqa: BLE001  # a malformed reply rejects its node, never the run
-                info = str(exc) if isinstance(exc, MessageError) else f"unreadable hello reply ({type(exc).__name__}: {printable(exc)})"
-                self.refused[str(node)] = f"hello: {info}"
-            if isinstance(info, str):
-                log.warning("node %s did not join: %s", node, info)
-                continue
-            log.info("node %s: tier %s (%s), batch %s, backend %s, %s training examples%s%s", node, info.tier, info.tier_reason,
-                     info.batch_size, info.backend, info.train_examples,
-                     f", lacks {len(info.missing)} file(s), {info.missing_bytes / 1e6:.1f} MB" if info.missing else "",
-                     f" (ignored {len(info.ignored)} listed file(s) its tier does not need)" if info.ignored else "")  # fmt: skip
-            self.devices[node] = info
+            self.accept_hello(node, reply)
         lacking = {n: list(self.devices[n].missing) for n in new if n in self.devices and self.devices[n].missing}
         if lacking:
             if not self.settings.serve_artifacts:
@@ -332,6 +320,25 @@ class FFTMoEStrategy:
             else:
                 self.serve_artifacts(grid, lacking)
         return {n: self.devices[n].tier for n in nodes if n in self.devices}
+
+    def accept_hello(self, node: int, reply: Any) -> DeviceInfo | None:
+        """Read one hello reply (a Flower message, or the text of a failure): the node's checked ``DeviceInfo``, also
+        kept in ``devices``; None when it cannot join, with the reason logged and, for a malformed reply, recorded
+        under ``refused`` for the next history entry. Nothing a reply holds raises out of here."""
+        try:
+            info = reply if isinstance(reply, str) else device_info_from_hello_reply(reply.content, self.manifest)
+        except Exception as exc:  # noqa: BLE001  # a malformed reply rejects its node, never the run
+            info = str(exc) if isinstance(exc, MessageError) else f"unreadable hello reply ({type(exc).__name__}: {printable(exc)})"
+            self.refused[str(node)] = f"hello: {info}"
+        if isinstance(info, str):
+            log.warning("node %s did not join: %s", node, info)
+            return None
+        log.info("node %s%s: tier %s (%s), batch %s, backend %s, %s training examples%s%s", node, f" ({info.name})" if info.name else "",
+                 info.tier, info.tier_reason, info.batch_size, info.backend, info.train_examples,
+                 f", lacks {len(info.missing)} file(s), {info.missing_bytes / 1e6:.1f} MB" if info.missing else "",
+                 f" (ignored {len(info.ignored)} listed file(s) its tier does not need)" if info.ignored else "")  # fmt: skip
+        self.devices[node] = info
+        return info
 
     def serve_artifacts(self, grid: Any, lacking: dict[int, list[str]]) -> None:
         """Send each node the files it lacks, in messages of at most ``chunk_mb`` (large files in pieces); a node

@@ -413,7 +413,8 @@ def _run(content: Any, node: NodeSettings, training: bool) -> Any:
     max_len = int(s.get("max_seq_len") or manifest.max_seq_len)
     train_data, held = _encoded(node, manifest, bundle_dir, max_len)
     received = sum(int(v.nbytes) for v in ins.values.values())
-    batch = max(1, min(int(s.get("batch_size", 16)), node.batch_size))
+    _, device_batch, _ = choose_node_tier(node, manifest, bundle_dir, backend)  # the batch its memory affords (as its hello said)
+    batch = max(1, min(int(s.get("batch_size", 16)), device_batch))
     if not training:
         if held is None:
             return metrics_to_record(ins.round, {"examples": 0.0, "received_bytes": float(received)})

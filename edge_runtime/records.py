@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.bundle import BACKEND_NAMES, BundleError, Manifest, needed_files
-from edge_runtime.update import Update, UpdateError, manifest_id
+from edge_runtime.update import MAX_COUNT, Update, UpdateError, manifest_id
 
 MESSAGES_FORMAT = "fftmoe-messages"
 MESSAGES_VERSION = 1
@@ -41,9 +41,6 @@ class MessageError(UpdateError):
     """A message's content is malformed; the message names the field."""
 
 
-MAX_COUNT = 2**53
-"""The largest example or token count a message may carry: the largest integer a float64 holds exactly (a count
-is weighed and summed as a float; ``10**309`` would overflow)."""
 MAX_TEXT = 200
 """Device-chosen strings (names, reasons) are cut to this many characters before they reach a log or history."""
 MANIFEST_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -214,6 +211,8 @@ class DeviceInfo:
 
 MAX_BATCH = 1 << 16
 """The largest local batch a hello reply may state."""
+MAX_LISTED = 100_000
+"""The longest ``missing`` list a hello reply may hold (duplicates included; they are dropped)."""
 
 
 def device_info_from_hello_reply(content: Any, manifest: Manifest) -> DeviceInfo:
@@ -230,7 +229,7 @@ def device_info_from_hello_reply(content: Any, manifest: Manifest) -> DeviceInfo
         raise MessageError(f"hello reply: 'backend' must be one of {', '.join(BACKEND_NAMES)}, got {printable(repr(backend), 40)}")
     known = {e.path: e for e in manifest.all_files()}
     listed = reply.get("missing", [])
-    if not isinstance(listed, list) or len(listed) > len(known) * 4 or any(not isinstance(m, str) or m not in known for m in listed):
+    if not isinstance(listed, list) or len(listed) > MAX_LISTED or any(not isinstance(m, str) or m not in known for m in listed):
         raise MessageError(f"hello reply: 'missing' must list files of the bundle, got {printable(repr(listed), 120)}")
     if "missing_bytes" in reply:
         count_field(reply, "missing_bytes", where, 0, MAX_COUNT)

@@ -42,6 +42,9 @@ from edge_runtime.bundle import (
 
 UPDATE_FORMAT = "fftmoe-update"
 UPDATE_VERSION = 1
+MAX_COUNT = 2**53
+"""The largest example or token count an update or message may carry: the largest integer a float64 holds exactly
+(counts are weighed and summed as floats; ``10**309`` would overflow)."""
 
 
 class UpdateError(BundleError):
@@ -246,8 +249,9 @@ class Update:
         check_assignment(manifest, self.tier, self.assignment)
         if expected_assignment is not None and [list(map(int, a)) for a in expected_assignment] != self.assignment:
             raise UpdateError(f"update trained experts {self.assignment}, but this device was assigned {expected_assignment}")
-        if not isinstance(self.num_examples, int) or self.num_examples < 1:
-            raise UpdateError(f"update field 'num_examples' must be a positive integer, got {self.num_examples!r}")
+        if not isinstance(self.num_examples, int) or isinstance(self.num_examples, bool) or not 1 <= self.num_examples <= MAX_COUNT:
+            shown = self.num_examples if not isinstance(self.num_examples, int) or self.num_examples < 10**20 else f"an integer of {len(str(self.num_examples))} digits"
+            raise UpdateError(f"update field 'num_examples' must be an integer in [1, 2**53], got {shown!r}")
         expected = self.expected_shapes(manifest)
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
@@ -306,16 +310,22 @@ class Update:
     def from_parts(cls, meta: Any, tensors: dict[str, np.ndarray], where: str = "update") -> Update:
         if not isinstance(meta, dict):
             raise UpdateError(f"{where}: metadata must be an object")
+
+        def integer(value: Any, name: str) -> int:  # strictly an integer: 1.5, true and "3" are refused, not converted
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name!r} must be an integer, got {type(value).__name__}")
+            return value
+
         try:
             return cls(
                 manifest_id=str(meta["manifest_id"]),
-                tier=int(meta["tier"]),
-                assignment=[[int(i) for i in ids] for ids in meta["assignment"]],
-                num_examples=int(meta["num_examples"]),
+                tier=integer(meta["tier"], "tier"),
+                assignment=[[integer(i, "assignment") for i in ids] for ids in meta["assignment"]],
+                num_examples=integer(meta["num_examples"], "num_examples"),
                 tensors=dict(tensors),
                 metrics={str(k): v for k, v in dict(meta.get("metrics", {})).items()},
                 format=str(meta["format"]),
-                format_version=int(meta["format_version"]),
+                format_version=integer(meta["format_version"], "format_version"),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise UpdateError(f"{where}: metadata field missing or malformed: {exc}") from exc
+            raise UpdateError(f"{where}: metadata field missing or malformed: {str(exc)[:200]}") from exc

@@ -102,8 +102,9 @@ def load_encoder(source: str | None) -> tuple[nn.Module, Any, Architecture, str]
         if hasattr(config, name):
             setattr(config, name, 0.0)
     try:
+        # safetensors only: a pickled .bin would reach torch.load, and a bundle's encoder/ comes from the coordinator
         encoder = transformers.AutoModel.from_pretrained(
-            source, config=config, add_pooling_layer=False, attn_implementation="eager"
+            source, config=config, add_pooling_layer=False, attn_implementation="eager", use_safetensors=True
         )
         if arch.modality == "text":
             pre = transformers.AutoTokenizer.from_pretrained(source, use_fast=True)
@@ -112,7 +113,11 @@ def load_encoder(source: str | None) -> tuple[nn.Module, Any, Architecture, str]
         else:
             pre = transformers.AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {source!r}: {exc}".split("\n")[0]) from exc
+        hint = ""
+        if "safetensors" in str(exc).lower() or "model.safetensors" in str(exc):
+            hint = (" (fftmoe loads only safetensors weights, never a pickled pytorch_model.bin: convert it with "
+                    "transformers' save_pretrained(..., safe_serialization=True))")
+        raise ModelLoadError(f"cannot load model {source!r}: {exc}".split("\n")[0] + hint) from exc
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

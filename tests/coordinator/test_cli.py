@@ -72,3 +72,36 @@ def test_serve_refuses_bad_combinations_before_starting_anything(tiny_bundle: Pa
     assert resume.exit_code == 3 and "no saved global state" in resume.output
     bad = runner.invoke(app, [*base, "--insecure", "--fraction", "2"])
     assert bad.exit_code == 2 and "--fraction" in bad.output
+    for flag, value in (("--max-update-norm", "huge"), ("--max-share", "0"), ("--keep-checkpoints", "1")):
+        refused = runner.invoke(app, [*base, "--insecure", flag, value])
+        assert refused.exit_code == 2 and flag in refused.output, (flag, refused.output)
+    early = runner.invoke(app, [*base, "--insecure", "--resume-round", "2"])
+    assert early.exit_code == 2 and "--resume-round needs --resume" in early.output
+
+
+def test_checkpoints_lists_the_kept_rounds_and_serve_can_go_back_to_one(tiny_bundle: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from coordinator.state import GlobalState
+    from edge_runtime.update import manifest_id
+
+    manifest = load_manifest(tiny_bundle)
+    state = GlobalState.initial(manifest_id(manifest), load_file(str(tiny_bundle / manifest.global_pool.path)), manifest.num_layers,
+                                manifest.num_experts)  # fmt: skip
+    folder = tmp_path / "state"
+    for r in range(4):
+        state.round = r
+        state.save(folder)
+    listed = json.loads(runner.invoke(app, ["checkpoints", "--state-dir", str(folder), "--json"]).stdout)
+    assert [(c["round"], c["ok"]) for c in listed["checkpoints"]] == [(3, True), (2, True), (1, True)]
+    table = runner.invoke(app, ["checkpoints", "--state-dir", str(folder)])
+    assert table.exit_code == 0 and "(latest)" in table.output
+    base = ["serve", "--bundle", str(tiny_bundle), "--state-dir", str(folder), "--insecure", "--resume"]
+    gone = runner.invoke(app, [*base, "--resume-round", "-1"])
+    assert gone.exit_code == 2 and "--resume-round" in gone.output
+    missing = runner.invoke(app, [*base, "--resume-round", "0", "--rounds", "3"])
+    assert missing.exit_code == 2 and "already holds 3 completed round(s)" in missing.output
+    kept_one = runner.invoke(app, [*base, "--resume-round", "1", "--rounds", "1"])
+    assert kept_one.exit_code == 2 and "already holds 1 completed round(s)" in kept_one.output  # round 1 was found and read
+    none = runner.invoke(app, ["checkpoints", "--state-dir", str(tmp_path / "nothing")])
+    assert none.exit_code == 3 and "no committed checkpoint" in none.output

@@ -145,7 +145,7 @@ def test_devices_killed_mid_round_and_a_straggler_leave_exactly_the_arrived_upda
             assert 2 <= len(kept) <= 3 and len(entry["rejected"]) >= 1, entry["rejected"]
             assert all("no reply" in why or "error reply" in why for why in entry["rejected"].values()), entry["rejected"]
             updates = [Update.load(p).validate(manifest, entry["assignment"][p.stem.split("-")[1]]) for p in kept]
-            pool, _ = merge_updates(pool, updates, manifest.num_layers, manifest.num_experts)
+            pool, _ = merge_updates(pool, updates, manifest.num_layers, manifest.num_experts, max_share=0.5)  # serve's default --max-share
         for key, value in state.pool.items():
             np.testing.assert_array_equal(value, pool[key], err_msg=key)
         for i in range(3):  # the caches of devices that lost power still verify (a damaged file would be refetched)

@@ -9,12 +9,13 @@ import os
 import subprocess
 from pathlib import Path
 
-from coordinator.deploy import free_port, stop
+from coordinator.deploy import free_port, stop, wait_for_port
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
 from edge_runtime.update import manifest_id
 from tests.conftest import write_tiny_csv
 from tests.coordinator.test_federation import BIN, finish
+from tests.coordinator.test_fleet_gate import flwr_cli, flwr_run, stranger_app
 
 
 def make_tls(folder: Path) -> tuple[Path, Path, Path]:
@@ -91,7 +92,17 @@ def test_tls_and_node_authentication(tiny_bundle: Path, tmp_path: Path) -> None:
                     "--root-certificates", str(ca), "--auth-key", str(private), "--cache-dir", str(tmp_path / f"cache-{name}"),
                     "--threads", "1", "--retry-seconds", retry]  # fmt: skip
             joins.append(subprocess.Popen(join, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True))
+        # With TLS and node authentication on, a stranger holding only ca.pem can neither register a key nor run an app
+        # through the public port (Flower's Control API behind it would accept both: issue 17).
+        wait_for_port("127.0.0.1", port, 240, coordinator, what="serve")
+        marker = tmp_path / "stranger-ran.txt"
+        _, stranger_pub = make_node_key(tmp_path, "stranger2")
+        register = flwr_cli(["supernode", "register", str(stranger_pub), "x"], tmp_path / "stranger-cli", f"localhost:{port}", ca)
+        run = flwr_run(stranger_app(tmp_path, marker), tmp_path / "stranger-cli", f"localhost:{port}", ca)
+        assert register.returncode != 0 and run.returncode != 0, (register.stdout + register.stderr, run.stdout + run.stderr)
         result = finish(coordinator, 600)
+        assert not marker.exists()
+        assert "refused POST /v1/control/register-node" in (state_dir / "fleet-gate.log").read_text()
         assert result["ok"] and result["rounds_done"] == 1, result
         state = GlobalState.load(state_dir, manifest_id(load_manifest(tiny_bundle)))
         assert len(state.history[-1]["accepted"]) == 1

@@ -198,3 +198,41 @@ def test_hetlora_falls_back_to_examples_when_every_b_is_zero_and_rejects_unknown
     assert weights["enc.q"] == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError, match="fedavg, hetlora"):
         merge_lora(lora_pool(), ups, sorted(LORA_MODULES), "mean")
+
+
+def test_one_device_claiming_a_huge_count_no_longer_owns_the_merge() -> None:
+    """Issue 17, finding 3: 10**12 examples against three honest devices at 100 gave the claimant 0.9999999997 of
+    the weight. With --max-share 0.5 it gets exactly half, and the honest three share the rest as their counts say."""
+    from coordinator.merge import cap_shares
+
+    claims = [10**12, 100, 100, 100]
+    assert cap_shares(claims, 1.0)[0] == pytest.approx(0.9999999997, abs=1e-10)
+    np.testing.assert_allclose(cap_shares(claims, 0.5), [0.5, 1 / 6, 1 / 6, 1 / 6])
+    np.testing.assert_allclose(cap_shares([10**12, 300, 100], 0.5), [0.5, 0.375, 0.125])  # the rest in proportion
+    np.testing.assert_allclose(cap_shares([10**12, 1], 0.25), [0.5, 0.5])  # two holders: never below 1/n
+    np.testing.assert_allclose(cap_shares([3, 1], 0.9), [0.75, 0.25])  # under the cap: the plain normalisation
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # against the definition: sums to 1, none over the cap, uncapped ones keep their ratios
+        w = rng.pareto(0.7, size=rng.integers(1, 9)) + 1e-3
+        cap = float(rng.uniform(0.05, 1.0))
+        s = cap_shares(w, cap)
+        limit = max(cap, 1 / len(w))
+        assert s.sum() == pytest.approx(1.0) and (s <= limit + 1e-12).all()
+        free = s < limit - 1e-12
+        if free.sum() > 1:
+            np.testing.assert_allclose(s[free] / s[free].sum(), w[free] / w[free].sum(), rtol=1e-9)
+    with pytest.raises(ValueError, match="not all 0"):
+        cap_shares([0.0, 0.0], 0.5)
+
+
+def test_the_share_bound_holds_in_every_mean_of_the_merge() -> None:
+    """Experts, router rows and head: the claimant's share is at most --max-share, checked against NumPy."""
+    pool = make_pool()
+    big = make_update([[0, 1], [0, 1]], 10**12, 1)
+    small = [make_update([[0, 1], [0, 1]], 100, s) for s in (2, 3, 4)]
+    new, _ = merge_updates(pool, [big, *small], L, M, max_share=0.5)
+    for k in (key(0, 0, "w1"), "head.weight"):
+        want = 0.5 * big.tensors[k].astype(np.float64) + sum(u.tensors[k].astype(np.float64) for u in small) / 6
+        np.testing.assert_allclose(new[k], want, rtol=1e-6, atol=1e-7)
+    want = 0.5 * big.tensors["layers.1.router_rows.bias"][1].astype(np.float64) + sum(u.tensors["layers.1.router_rows.bias"][1] for u in small) / 6
+    np.testing.assert_allclose(new["layers.1.router.bias"][1], want, rtol=1e-6)

@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from coordinator.rounds import NormBound, Screening, apply_round, plan_round, screen_replies, seen_digests
+from coordinator.rounds import (
+    NormBound,
+    ReplyLimits,
+    Screening,
+    apply_round,
+    check_merged,
+    plan_round,
+    reply_limits,
+    screen_replies,
+    seen_digests,
+)
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
 from edge_runtime.update import Update, manifest_id
@@ -118,3 +128,82 @@ def test_replayed_updates_are_refused_in_the_round_and_after(tiny_bundle: Path) 
     assert "replayed update" in later.rejected[10] and sorted(later.accepted) == [12]
     fresh = screen_replies(manifest, again, {10: (trained(again[10], 10, 5), 2)}, seen=seen_digests(new))
     assert sorted(fresh.accepted) == [10]
+
+
+def test_a_lora_update_for_another_tier_is_rejected_not_a_crash(tiny_hetlora: Path) -> None:
+    """Issue 17, finding 2: a LoRA update's tier was never compared with the tier sent (every LoRA tier has the same
+    assignment), and with a norm bound its other-rank tensors raised a broadcast ValueError that ended the run."""
+    manifest = load_manifest(tiny_hetlora)
+    state = GlobalState.initial(manifest_id(manifest), load_file(str(tiny_hetlora / manifest.global_pool.path)), manifest.num_layers,
+                                manifest.num_experts)  # fmt: skip
+    sent = plan_round(state, manifest, {1: 1, 2: 4}, {"epochs": 1})
+    other = plan_round(state, manifest, {1: 2}, {"epochs": 1})[1]  # what a tier-2 (rank 4) device would send
+    wrong_tier = trained(other, 10, 1)
+    screened = screen_replies(manifest, sent, {1: (wrong_tier, 1), 2: (trained(sent[2], 10, 2), 1)}, Screening(NormBound.parse("0.5")))
+    assert sorted(screened.accepted) == [2] and screened.rejected[1] == "update is for tier 2, this node was sent tier 1"
+
+
+def test_counts_are_capped_at_the_hello_figure_and_statistics_bounded_by_the_tokens(tiny_bundle: Path) -> None:
+    """Issue 17, finding 3: the example count is capped at what the node's hello allows, and routing statistics
+    that its examples cannot produce are refused."""
+    manifest, state, sent = _first_round(tiny_bundle)
+    train = {"epochs": 2, "batch_size": 8, "max_steps": 0, "max_seq_len": 16}
+    limits = reply_limits(30, 16, train, manifest)
+    assert (limits.max_examples, limits.max_steps, limits.tokens_per_example) == (60, 8, 16)  # 2 epochs x ceil(30 / 8)
+    assert reply_limits(30, 4, {**train, "max_steps": 5}, manifest) == ReplyLimits(40, 5, 16)  # 5 steps x batch 8
+    liar = trained(sent[10], 10**12, 1)
+    heavy = trained(sent[11], 20, 2)
+    heavy.tensors["stats.route_counts"][1, 0] = 20 * 16 * 2 + 100  # more top-2 assignments than 20 rows of 16 tokens hold
+    screened = screen_replies(manifest, sent, {10: (liar, 1), 11: (heavy, 1), 12: (trained(sent[12], 5, 3), 1)},
+                              limits={n: limits for n in sent})  # fmt: skip
+    assert screened.accepted[10].num_examples == 60 and screened.capped == {10: 10**12}
+    assert "route_counts of layer 1" in screened.rejected[11] and sorted(screened.accepted) == [10, 12]
+    new = apply_round(state, manifest, screened)
+    assert new.history[-1]["capped"] == {"10": 10**12}
+
+
+def test_one_reply_that_breaks_the_screening_rejects_only_its_node(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong with one reply, even an error the checks did not foresee, rejects that node with the
+    reason; the other nodes' replies are screened and merged as usual."""
+    manifest, state, sent = _first_round(tiny_bundle)
+    updates = {n: trained(sent[n], 10, n) for n in sent}
+    honest_validate = Update.validate
+
+    def validate(self, manifest, expected=None):  # noqa: ANN001, ANN202
+        if self is updates[11]:
+            raise RuntimeError("something nobody expected")
+        return honest_validate(self, manifest, expected)
+
+    monkeypatch.setattr(Update, "validate", validate)
+    screened = screen_replies(manifest, sent, {n: (u, 1) for n, u in updates.items()})
+    assert sorted(screened.accepted) == [10, 12]
+    assert screened.rejected[11] == "the reply could not be screened (RuntimeError: something nobody expected)"
+
+
+def test_a_merged_state_that_is_not_finite_or_moved_too_far_is_refused(tiny_bundle: Path) -> None:
+    """Issue 17, finding 4: values of 3e38 with a huge count once made the committed pool Inf and NaN. The merge is
+    checked before it is committed: not finite, or a unit moved further than any update carrying it was allowed."""
+    manifest, state, sent = _first_round(tiny_bundle)
+    ups = {n: trained(sent[n], 10, n) for n in sent}
+    screened = screen_replies(manifest, sent, {n: (u, 1) for n, u in ups.items()}, Screening(NormBound.parse("auto"), learning_rate=1.0),
+                              limits={n: ReplyLimits(10, 2, 16) for n in sent})  # fmt: skip
+    assert sorted(screened.accepted) == [10, 11, 12] and screened.bounds[10]
+    new = apply_round(state, manifest, screened)
+    assert check_merged(state.pool, new.pool, manifest, screened) is None
+    broken = dict(new.pool, **{"head.bias": np.full_like(new.pool["head.bias"], np.inf)})
+    assert "head.bias holds" in check_merged(state.pool, broken, manifest, screened)
+    key = "layers.0.experts.1.w2"
+    moved = dict(new.pool, **{key: new.pool[key] + 100.0})
+    assert "the merge moved layers.0.experts.1 by" in check_merged(state.pool, moved, manifest, screened)
+    row = dict(new.pool, **{"layers.1.router.weight": new.pool["layers.1.router.weight"] + 0})
+    row["layers.1.router.weight"][2] += 1e3
+    assert "layers.1.router.2" in check_merged(state.pool, row, manifest, screened)
+
+
+def test_norm_bound_settings() -> None:
+    assert NormBound.parse("auto").kind == "auto" and NormBound.parse("off").active is False and NormBound.parse(0).kind == "off"
+    assert NormBound.parse("2.5") == NormBound("fixed", 2.5) and NormBound.parse(2.5).for_unit(10**6, 1.0, 100) == 2.5
+    assert NormBound("auto").for_unit(100, 1e-3, 1) == pytest.approx(10 * 1e-3, rel=1e-3)  # one step: lr per parameter
+    for bad in ("-1", "inf", "nan", "big"):
+        with pytest.raises(ValueError, match="--max-update-norm"):
+            NormBound.parse(bad)

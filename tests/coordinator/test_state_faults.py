@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.state import LATEST, GlobalState
+from coordinator.state import LATEST, GlobalState, kept_checkpoints
 
 DRIVER = r'''
 import sys
@@ -102,7 +102,9 @@ def test_killed_at_every_step_of_a_save_resumes_from_the_last_complete_round(tmp
     for key in reference.pool:
         np.testing.assert_array_equal(state.pool[key], reference.pool[key])
     assert state.history == reference.history
-    assert sorted(p.name for p in folder.iterdir() if p.name != LATEST) == [json.loads((folder / LATEST).read_text())["checkpoint"]]
+    pointer = json.loads((folder / LATEST).read_text())  # the leftovers of killed saves are gone; the committed rounds stay
+    assert sorted(p.name for p in folder.iterdir() if p.name != LATEST) == sorted([pointer["checkpoint"], *(e["checkpoint"] for e in pointer["kept"])])
+    assert [e["round"] for e in kept_checkpoints(folder)] == [state.round, state.round - 1, state.round - 2]
 
 
 @pytest.mark.parametrize("seed", [0])

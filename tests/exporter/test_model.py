@@ -105,3 +105,24 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
         load_encoder(str(tmp_path))
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_encoder(str(tmp_path / "nowhere" / "model"))
+
+
+def test_a_pickled_bin_checkpoint_is_never_loaded(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """A bundle's encoder/ comes from the coordinator: a pytorch_model.bin (a pickle, which runs code when loaded) in
+    place of model.safetensors is refused with a message that names the fix, and the pickle never runs."""
+    import pickle
+    import shutil
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (marker.write_text, ("the pickle ran",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelLoadError, match="only safetensors"):
+        load_encoder(str(folder))
+    assert not marker.exists()
