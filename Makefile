@@ -6,7 +6,7 @@ export FFTMOE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo bench bench-edge bundles bench-agnews
+.PHONY: venv test test-fast demo bench bench-edge bench-bound bundles bench-agnews
 
 venv:
 	@bash scripts/setup-venv.sh
@@ -40,6 +40,11 @@ bench: venv
 AG_NEWS ?= ../shared/data/ag_news/ag_news_6000.csv
 bench-edge: venv
 	$(PY) benchmarks/edge_bench.py --bundle runs/minilm-bundle --data $(AG_NEWS)
+
+## How close honest training comes to the coordinator's default update bound (--max-update-norm auto), per tier,
+## learning rate and unit kind, on real AG News rows (needs `make demo`'s bundle; docs/security.md).
+bench-bound: venv
+	$(PY) benchmarks/update_bound_bench.py --data $(AG_NEWS)
 
 ## The AG News benchmark of docs/benchmarks.md. `make bundles` exports MiniLM once per method (FFT-MoE, its ablation
 ## without auxiliary losses, FedIT rank 33, HetLoRA ranks 14/29/58; tiers 2,4,8). `make bench-agnews` then runs every
