@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.onnx_guard import check_tier_files
+
 
 class BackendUnavailableError(RuntimeError):
     """ONNX Runtime's training API cannot be imported on this machine."""
@@ -166,6 +168,7 @@ class OrtTierSession:
     """
 
     def __init__(self, files: dict[str, Path], threads: int | None = None, with_optimizer: bool = True, spinning: bool = True) -> None:
+        check_tier_files(files)  # before any ORT object: no external data from outside the tier folder (onnx_guard)
         api = import_training_api()
         self.state = api.CheckpointState.load_checkpoint(str(files["checkpoint"]))
         # The Module must exist before any parameter of the state is written (writing first segfaults).

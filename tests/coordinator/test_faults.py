@@ -81,7 +81,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
                 assert time.monotonic() < deadline, f"{point} not reached in 900 s"
                 time.sleep(0.2)
             kill_tree(proc)
-            assert f"SIGKILL at {point}" in fault_log.read_text(), (point, proc.stderr.read()[-3000:])  # type: ignore[union-attr]
+            assert f"SIGKILL at {point}" in fault_log.read_text(), (point, proc.stdout.read()[-2000:], proc.stderr.read()[-3000:])  # type: ignore[union-attr]
             state = GlobalState.load(state_dir, mid)  # loads, hashes verified: nothing half-written
             assert state.round == done + kept, (point, state.round, done)
             assert [h["round"] for h in state.history if "train_loss" in h] == list(range(1, state.round + 1))
