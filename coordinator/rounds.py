@@ -297,6 +297,7 @@ def screen_replies(
             log.exception("round %s: screening the reply of node %s failed", round_now, node)
             verdict = f"the reply could not be screened ({type(exc).__name__}: {printable(exc)})"
         if isinstance(verdict, str):
+            verdict = printable(verdict, 400)  # reasons quote what the device sent (ids, names): no escapes, no forged lines
             out.rejected[node] = verdict
             log.warning("round %s: reply of node %s rejected: %s", round_now, node, verdict)
             continue

@@ -328,7 +328,7 @@ class FFTMoEStrategy:
         try:
             info = reply if isinstance(reply, str) else device_info_from_hello_reply(reply.content, self.manifest)
         except Exception as exc:  # noqa: BLE001  # a malformed reply rejects its node, never the run
-            info = str(exc) if isinstance(exc, MessageError) else f"unreadable hello reply ({type(exc).__name__}: {printable(exc)})"
+            info = printable(exc, 400) if isinstance(exc, MessageError) else f"unreadable hello reply ({type(exc).__name__}: {printable(exc)})"
             self.refused[str(node)] = f"hello: {info}"
         if isinstance(info, str):
             log.warning("node %s did not join: %s", node, info)
@@ -397,7 +397,7 @@ class FFTMoEStrategy:
             "sent_bytes": {str(n): _nbytes(sent[n].values) for n in sent},
             "received_bytes": {str(n): _nbytes(u.tensors) for n, u in accepted.items()},
             "examples": {str(n): w for n, w in weights.items()},
-            "train_loss": sum(u.metrics.get("train_loss", 0.0) * weights[n] for n, u in accepted.items()) / total,
+            "train_loss": sum(float(u.metrics.get("train_loss", 0.0)) * (weights[n] / total) for n, u in accepted.items()),
             "assignment": {str(n): sent[n].assignment for n in sent},
             "names": {str(n): self.devices[n].name if n in self.devices else "" for n in sent},
             "client_metrics": {str(n): {k: float(u.metrics[k]) for k in CLIENT_METRICS if k in u.metrics} for n, u in accepted.items()},
@@ -440,7 +440,7 @@ class FFTMoEStrategy:
             return {"rejected": rejected} if rejected else None
         n = sum(e.examples for _, e in results)
         out: dict[str, Any] = {
-            "accuracy": sum(e.accuracy * e.examples for _, e in results) / n, "loss": sum(e.loss * e.examples for _, e in results) / n,
+            "accuracy": sum(e.accuracy * (e.examples / n) for _, e in results), "loss": sum(e.loss * (e.examples / n) for _, e in results),
             "examples": n, "nodes": float(len(results)),
             "per_node": {str(node): {"accuracy": e.accuracy, "loss": e.loss, "examples": float(e.examples)} for node, e in results},
         }  # fmt: skip

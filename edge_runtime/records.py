@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.bundle import BACKEND_NAMES, BundleError, Manifest, needed_files
-from edge_runtime.update import MAX_COUNT, Update, UpdateError, manifest_id
+from edge_runtime.update import MAX_COUNT, MAX_METRIC, Update, UpdateError, manifest_id
 
 MESSAGES_FORMAT = "fftmoe-messages"
 MESSAGES_VERSION = 1
@@ -122,11 +122,26 @@ def instruction_from_record(content: Any) -> TrainInstruction:
     check_manifest_id(meta.get("manifest_id"), "train instruction")
     try:
         values = _arrays(content.array_records["values"])
-        target = np.asarray(meta["routing_target"], np.float32)
-        return TrainInstruction(str(meta["manifest_id"]), int(meta["round"]), int(meta["tier"]),
-                                [[int(e) for e in row] for row in meta["assignment"]], target, values, dict(meta["train"]))  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MessageError(f"train instruction: missing or malformed field ({exc})") from None
+    except KeyError:
+        raise MessageError("train instruction: no 'values' array record") from None
+    except Exception as exc:  # noqa: BLE001  # np.load of bytes that are no .npy raises EOFError, BadZipFile, ...
+        raise MessageError(f"train instruction: an array of the 'values' record cannot be read ({type(exc).__name__})") from None
+    try:
+        with np.errstate(over="raise"):
+            target = np.asarray(meta["routing_target"], np.float64).astype(np.float32)
+        if not np.isfinite(target).all():
+            raise ValueError("routing_target holds a value that is not finite in float32")
+        return TrainInstruction(str(meta["manifest_id"]), _integer(meta["round"], "round"), _integer(meta["tier"], "tier"),
+                                [[_integer(e, "assignment") for e in row] for row in meta["assignment"]], target, values, dict(meta["train"]))  # fmt: skip
+    except (KeyError, TypeError, ValueError, OverflowError, FloatingPointError) as exc:
+        raise MessageError(f"train instruction: missing or malformed field ({printable(exc, 200)})") from None
+
+
+def _integer(value: Any, name: str) -> int:
+    """A JSON integer (not a float, boolean or string): TypeError naming the field otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name!r} must be an integer, got {printable(repr(value), 40)}")
+    return value
 
 
 def update_to_record(update: Update, round_: int) -> Any:
@@ -268,7 +283,12 @@ def artifacts_from_record(content: Any) -> tuple[dict[str, Any], dict[str, bytes
                 raise ValueError(f"chunk {printable(repr(c), 80)}")
             if not isinstance(c.get("offset"), int) or isinstance(c["offset"], bool) or not 0 <= c["offset"] < MAX_COUNT:
                 raise ValueError(f"chunk offset {printable(repr(c.get('offset')), 40)}")
-        chunks = {c["key"]: bytes(data[c["key"]]) for c in meta["chunks"]}
+        chunks = {}
+        for c in meta["chunks"]:
+            piece = data[c["key"]]
+            if not isinstance(piece, bytes):  # bytes(n) of an integer would allocate n zero bytes
+                raise TypeError(f"chunk {printable(c['key'], 40)} holds {type(piece).__name__}, not bytes")
+            chunks[c["key"]] = piece
     except (KeyError, TypeError, ValueError) as exc:
         raise MessageError(f"artifacts: missing or malformed chunk ({exc})") from None
     return meta, chunks
@@ -302,8 +322,8 @@ def evaluation_from_record(content: Any, where: str = "evaluate reply", max_exam
     accuracy, loss = metrics.get("accuracy"), metrics.get("loss")
     if accuracy is None or not 0.0 <= accuracy <= 1.0:
         raise MessageError(f"{where}: 'accuracy' must be a number in [0, 1], got {accuracy!r}")
-    if loss is None or not (math.isfinite(loss) and loss >= 0):
-        raise MessageError(f"{where}: 'loss' must be a finite number >= 0, got {loss!r}")
+    if loss is None or not (math.isfinite(loss) and 0 <= loss <= MAX_METRIC):
+        raise MessageError(f"{where}: 'loss' must be a number in [0, {MAX_METRIC:g}], got {loss!r}")
     return Evaluation(int(examples), accuracy, loss), round_
 
 

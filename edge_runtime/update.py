@@ -42,6 +42,9 @@ from edge_runtime.bundle import (
 
 UPDATE_FORMAT = "fftmoe-update"
 UPDATE_VERSION = 1
+MAX_METRIC = 1e30
+"""The largest magnitude a metric may have: metrics are weighed by example counts and summed, and 1e30 x 2**53 is
+still far inside a float64 (``10**308`` once overflowed the round's mean training loss)."""
 MAX_COUNT = 2**53
 """The largest example or token count an update or message may carry: the largest integer a float64 holds exactly
 (counts are weighed and summed as floats; ``10**309`` would overflow)."""
@@ -271,8 +274,9 @@ class Update:
         if (self.route_counts < 0).any() or (self.route_prob_sum < 0).any():
             raise UpdateError("update routing statistics must be >= 0")
         for k, v in self.metrics.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not _finite(v):
-                raise UpdateError(f"update metric {k!r} must be a finite number, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not _finite(v) or abs(v) > MAX_METRIC:
+                shown = f"an integer of {len(str(v))} digits" if isinstance(v, int) and abs(v) > 10**20 else repr(v)[:60]
+                raise UpdateError(f"update metric {str(k)[:60]!r} must be a finite number of magnitude <= {MAX_METRIC:g}, got {shown}")
         return self
 
     # -- files -------------------------------------------------------------------------------------------------
