@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import given, note
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
@@ -82,20 +82,7 @@ from edge_runtime.records import (
 )
 from edge_runtime.update import MAX_METRIC, Update, manifest_id, router_rows_key
 from tests.coordinator.test_rounds import trained
-
-SCALE = float(os.environ.get("FFTMOE_FUZZ_SCALE", "1"))
-
-
-def fuzz(cases: int) -> settings:
-    """Hypothesis settings for ``cases`` generated cases (times FFTMOE_FUZZ_SCALE)."""
-    return settings(
-        max_examples=max(1, int(cases * SCALE)),
-        deadline=None,
-        derandomize="FFTMOE_FUZZ_SCALE" not in os.environ,
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-                               HealthCheck.filter_too_much],  # fmt: skip
-    )
+from tests.fuzzing import fuzz
 
 
 CASES: Counter[str] = Counter()  # kind -> cases run (and "known: ..." -> cases that hit a finding left for the lead)

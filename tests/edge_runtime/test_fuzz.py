@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
@@ -27,19 +27,7 @@ from edge_runtime.bundle import MANIFEST_NAME, Manifest, ManifestError, load_man
 from edge_runtime.data import DataError, DataSpec, load_examples
 from edge_runtime.records import MessageError, update_from_record, update_to_record
 from edge_runtime.update import Update, UpdateError, tier_values_from_pool
-
-SCALE = float(os.environ.get("FFTMOE_FUZZ_SCALE", "1"))
-
-
-def fuzz(cases: int) -> settings:
-    """Hypothesis settings for ``cases`` generated cases (times FFTMOE_FUZZ_SCALE)."""
-    return settings(
-        max_examples=max(1, int(cases * SCALE)),
-        deadline=None,
-        derandomize="FFTMOE_FUZZ_SCALE" not in os.environ,
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+from tests.fuzzing import fuzz
 
 
 CASES: Counter[str] = Counter()  # reader -> cases run, reported at the end of the module
