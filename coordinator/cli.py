@@ -23,6 +23,12 @@ EXIT_INTERRUPTED = 130
 MAX_UPDATE_NORM_HELP = ("Robustness: how far one update may move each expert, router, LoRA module or the head (L2 norm of the change). "
                         "auto: the most AdamW can move it in the device's local steps at --lr (an honest device never exceeds it); "
                         "a number: that bound; off: none.")
+HEAD_HELP = ("How the classification head is set. fedavg: the bundle's random head, trained by the devices and "
+             "merged by FedAvg. ridge: solved in closed form before round 1 from every device's feature statistics "
+             "(Fed3R; about 0.6 MB per device, once), then trained and merged. ridge-frozen: solved before round 1 and "
+             "kept fixed while the devices train their adapters against it.")
+RIDGE_HELP = "The ridge head's lambda, as a fraction of the mean eigenvalue of the features' Gram matrix (with --head ridge*)."
+RIDGE_SCALE_HELP = "The ridge head's logits are this times its least-squares outputs, which lie near 0 and 1 (with --head ridge*)."
 MAX_SHARE_HELP = ("Robustness: the largest share any one device may have in the mean of an expert, router row, LoRA module or the head "
                   "(its example count is its own claim); 1: no bound. Never below 1/n for n devices.")
 
@@ -92,6 +98,9 @@ def serve(
     max_update_norm: str = typer.Option("auto", help=MAX_UPDATE_NORM_HELP),
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip (scale the change down to the bound) or reject (leave the update out)."),
     max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
+    head: str = typer.Option("fedavg", help=HEAD_HELP),
+    ridge: float = typer.Option(1e-3, help=RIDGE_HELP),
+    ridge_scale: float = typer.Option(8.0, help=RIDGE_SCALE_HELP),
     keep_checkpoints: int = typer.Option(3, help="Completed rounds kept in --state-dir (the newest, and that many minus one before it; at least 2): --resume-round can go back to any of them."),
     eval_every: int = typer.Option(1, help="Federated evaluation on the devices' held-out data (and central evaluation with --eval-data) every N rounds and after the last (0: never)."),
     eval_data: Optional[Path] = typer.Option(None, help="Data file on this host for centralised evaluation of the global model (needs torch: the export extra)."),
@@ -140,6 +149,7 @@ def serve(
             wait_seconds=wait_seconds, round_timeout=round_timeout, max_failed_rounds=max_failed_rounds, epochs=local_epochs,
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
             max_update_norm=max_update_norm, norm_action=norm_action, max_share=max_share, keep_checkpoints=keep_checkpoints,
+            head=head, ridge=ridge, ridge_scale=ridge_scale,
             resume_round=resume_round, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
             keep_updates=keep_updates,
@@ -227,6 +237,9 @@ def simulate(
     max_update_norm: str = typer.Option("auto", help=MAX_UPDATE_NORM_HELP),
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip or reject."),
     max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
+    head: str = typer.Option("fedavg", help=HEAD_HELP),
+    ridge: float = typer.Option(1e-3, help=RIDGE_HELP),
+    ridge_scale: float = typer.Option(8.0, help=RIDGE_SCALE_HELP),
     seed: int = typer.Option(0, help="Seed of the hold-out, partition, fleet order, sampling and data order."),
     parallel: int = typer.Option(0, help="Clients training at once (0: this machine's cores); each uses one thread."),
     verbose: bool = typer.Option(False, "--verbose", help="Echo the whole run log (it is always in OUT/run.log)."),
@@ -254,7 +267,8 @@ def simulate(
         manifest = load_manifest(bundle)
         run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
                "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting,
-               "max_update_norm": max_update_norm, "norm_action": norm_action, "max_share": max_share}  # fmt: skip
+               "max_update_norm": max_update_norm, "norm_action": norm_action, "max_share": max_share,
+               "head": head, "ridge": ridge, "ridge_scale": ridge_scale}  # fmt: skip
         settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
                                min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,
                                text_columns=tuple(text_column), label_column=label_column, label_map=label_map or "", seed=seed,

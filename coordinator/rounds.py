@@ -424,9 +424,10 @@ def seen_digests(state: GlobalState) -> set[str]:
 
 
 def apply_round(state: GlobalState, manifest: Manifest, screened: Screened, weighting: str = "examples",
-                record: dict[str, Any] | None = None, max_share: float = 1.0) -> GlobalState:  # fmt: skip
+                record: dict[str, Any] | None = None, max_share: float = 1.0, keep_head: bool = False) -> GlobalState:  # fmt: skip
     """The next global state: merged pool (no node's share of any mean above ``max_share``), updated usage and
-    preferences, round + 1, and a history record. Check the pool with ``check_merged`` before committing it."""
+    preferences, round + 1, and a history record. ``keep_head``: the head stays as it was (a frozen head). Check the
+    pool with ``check_merged`` before committing it."""
     updates = [screened.accepted[n] for n in sorted(screened.accepted)]
     if manifest.is_lora:
         pool, lora_weights = merge_lora(state.pool, updates, lora_modules(manifest), lora_rule(manifest), max_share)
@@ -435,6 +436,8 @@ def apply_round(state: GlobalState, manifest: Manifest, screened: Screened, weig
         report = MergeReport()
     else:
         pool, report = merge_updates(state.pool, updates, manifest.num_layers, manifest.num_experts, weighting, max_share)
+    if keep_head:
+        pool.update({k: v for k, v in state.pool.items() if k.startswith("head.")})
     usage = update_usage(state.usage, fleet_usage(updates, manifest.num_layers, manifest.num_experts))
     preferences = dict(state.preferences)
     for node, u in screened.accepted.items():

@@ -4,6 +4,9 @@ The strategy is thin, in the manner of Flower's own (``configure_train`` builds 
 merges replies); the maths are the pure functions of ``coordinator.plan``, ``coordinator.merge`` and
 ``coordinator.rounds``. One round:
 
+0. with ``--head ridge`` or ``ridge-frozen``, once before round 1: every connected node sums the closed-form head's
+   statistics over its training rows (``query.statistics``); the checked sums are added and the head solved
+   (``coordinator.ridge_head``);
 1. wait until at least ``min-clients`` nodes are connected (at most ``wait-seconds``), sample ``fraction`` of them;
 2. ask nodes not seen before for their tier (``query.hello``), and send them the tier's files they lack
    (``query.artifacts``, in chunks, verified on the device);
@@ -32,6 +35,7 @@ import numpy as np
 
 from coordinator.merge import WEIGHTINGS
 from coordinator.plan import sample_nodes
+from coordinator.ridge_head import HEAD_MODES, combine_statistics, head_values, ridge_lambda, screen_statistics, solve_head
 from coordinator.rounds import (
     NORM_ACTIONS,
     NormBound,
@@ -57,6 +61,7 @@ from edge_runtime.records import (
     hello_to_record,
     instruction_to_record,
     printable,
+    statistics_from_record,
     update_from_record,
 )
 from edge_runtime.update import Update, manifest_id
@@ -115,6 +120,14 @@ class RunSettings:
     max_share: float = 0.5
     """Largest share of any one node in the mean of an expert, router row, LoRA module or the head; 1: no bound
     (--max-share). With n holders the bound is never below 1/n."""
+    head: str = "fedavg"
+    """How the head is set (--head; ``coordinator.ridge_head.HEAD_MODES``): fedavg (random start, trained and merged),
+    ridge (solved in closed form from every node's statistics before round 1, then trained and merged), ridge-frozen
+    (solved before round 1 and kept fixed: devices put it back after each step and the merge leaves it)."""
+    ridge: float = 1e-3
+    """The ridge head's lambda as a fraction of the mean eigenvalue of the features' Gram matrix (--ridge)."""
+    ridge_scale: float = 8.0
+    """The ridge head's logits are this times its least-squares outputs (near 0 and 1) (--ridge-scale)."""
     keep_checkpoints: int = 3
     """Committed rounds kept in --state-dir, the newest last; --resume-round goes back to any of them (--keep-checkpoints)."""
     resume_round: int = 0
@@ -165,6 +178,9 @@ class RunSettings:
             (self.eval_every >= 0 and self.max_failed_rounds >= 1 and self.chunk_mb >= 1, "--eval-every must be >= 0"),
             (self.norm_action in NORM_ACTIONS, f"--norm-action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}"),
             (math.isfinite(self.max_share) and 0 < self.max_share <= 1, f"--max-share must be in (0, 1] (1: no bound), got {self.max_share}"),
+            (self.head in HEAD_MODES, f"--head must be one of {', '.join(HEAD_MODES)}, got {self.head!r}"),
+            (math.isfinite(self.ridge) and self.ridge > 0 and math.isfinite(self.ridge_scale) and self.ridge_scale > 0,
+             f"--ridge and --ridge-scale must be positive numbers, got {self.ridge} and {self.ridge_scale}"),
             (self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 (the last round and one before it), got {self.keep_checkpoints}"),
             (self.resume_round >= 0 and (self.resume or not self.resume_round), f"--resume-round needs --resume and must be >= 0, got {self.resume_round}"),
         ]  # fmt: skip
@@ -178,9 +194,13 @@ class RunSettings:
         """How replies are screened: the update bound, what an update over it gets, the learning rate it assumes."""
         return Screening(NormBound.parse(self.max_update_norm), self.norm_action, self.lr)
 
+    @property
+    def frozen_head(self) -> bool:
+        return self.head == "ridge-frozen"
+
     def train_settings(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.lr, "max_steps": self.max_steps,
-                "seed": self.seed, "max_seq_len": self.max_seq_len}  # fmt: skip
+                "seed": self.seed, "max_seq_len": self.max_seq_len, **({"freeze_head": True} if self.frozen_head else {})}  # fmt: skip
 
 
 def message_to(node: int, content: Any, message_type: str, group_id: str = "") -> Any:
@@ -405,7 +425,7 @@ class FFTMoEStrategy:
         }  # fmt: skip
         if self.refused:
             record["refused"], self.refused = dict(self.refused), {}
-        new = apply_round(state, self.manifest, screened, s.weighting, record, s.max_share)
+        new = apply_round(state, self.manifest, screened, s.weighting, record, s.max_share, keep_head=s.frozen_head)
         problem = check_merged(state.pool, new.pool, self.manifest, screened)
         if problem:
             log.error("round %d: the merged state is refused and not saved: %s", new.round, problem)
@@ -417,6 +437,63 @@ class FFTMoEStrategy:
         for ins in plan.values():
             ins.round = state.round
         return {n: message_to(n, instruction_to_record(ins), "evaluate", f"eval-{state.round}") for n, ins in plan.items()}
+
+    def configure_statistics(self, state: GlobalState, tiers: dict[int, int]) -> dict[int, Any]:
+        """A ``query.statistics`` for each node: the values of its tier as a round would send them (before round 1
+        every adapter is zero, so each tier computes the frozen encoder's features)."""
+        plan = plan_round(state, self.manifest, tiers, self.settings.train_settings())
+        for ins in plan.values():
+            ins.round = state.round
+        return {n: message_to(n, instruction_to_record(ins), "query.statistics", f"stats-{state.round}") for n, ins in plan.items()}
+
+    def aggregate_statistics(self, state: GlobalState, replies: dict[int, Any]) -> tuple[GlobalState | None, dict[str, Any]]:
+        """The state with the ridge head solved from the valid replies, and the record of what was used; (None,
+        record) when no valid statistics arrived. A reply that fails its checks (``statistics_from_record``) or
+        whose feature scale is far off the fleet's (``screen_statistics``) is left out and named."""
+        stats, rejected = {}, {}
+        for node, reply in replies.items():
+            if isinstance(reply, str):
+                rejected[str(node)] = printable(reply, 400)
+                continue
+            try:
+                held = self.devices[node].train_examples if node in self.devices else 0
+                st, r = statistics_from_record(reply.content, self.manifest, f"statistics of node {node}", max(held, 1))
+                if r != state.round:
+                    raise MessageError(f"statistics of node {node}: answer round {r}, asked for round {state.round}")
+                stats[node] = st
+            except Exception as exc:  # noqa: BLE001  # a malformed reply rejects its node, never the run
+                rejected[str(node)] = printable(exc, 400) if isinstance(exc, MessageError) else f"unreadable ({type(exc).__name__}: {printable(exc)})"
+        for node, why in screen_statistics(stats).items():
+            rejected[str(node)] = why
+            stats.pop(node)
+        for node, why in rejected.items():
+            log.warning("head statistics of node %s left out: %s", node, why)
+        record: dict[str, Any] = {"round": state.round, "ridge_head": {"mode": self.settings.head, "ridge": self.settings.ridge,
+                                  "scale": self.settings.ridge_scale, "nodes": sorted(stats), "rejected": rejected}}  # fmt: skip
+        if not stats:
+            return None, record
+        combined = combine_statistics(stats, self.settings.max_share)
+        weight, bias = solve_head(combined.gram, combined.cross, self.settings.ridge, self.settings.ridge_scale)
+        record["ridge_head"].update(examples=combined.examples, label_counts=[int(round(c)) for c in combined.cross[-1]],
+                                    ridge_lambda=ridge_lambda(combined.gram, self.settings.ridge),
+                                    received_bytes={str(n): int(s.gram.nbytes + s.cross.nbytes) for n, s in stats.items()})  # fmt: skip
+        pool = {**state.pool, **head_values(weight, bias)}
+        return GlobalState(state.manifest_id, pool, state.usage, state.round, state.preferences, [*state.history, record]), record
+
+    def solve_ridge_head(self, grid: Any, state: GlobalState) -> GlobalState:
+        """Before round 1: ask every connected node for its statistics, solve and commit the head (once: a resumed
+        run that already holds it goes on)."""
+        nodes = self.wait_for_nodes(grid)
+        tiers = self.learn_devices(grid, nodes)
+        replies = self.exchange(grid, self.configure_statistics(state, tiers), self.settings.round_timeout, "head statistics")
+        new, record = self.aggregate_statistics(state, replies)
+        if new is None:
+            raise RoundFailure(f"no node sent valid head statistics (--head {self.settings.head}): {record['ridge_head']['rejected']}")
+        info = record["ridge_head"]
+        log.info("ridge head solved from %d node(s), %d example(s), labels %s (lambda %.4g)", len(info["nodes"]), info["examples"],
+                 info["label_counts"], info["ridge_lambda"])  # fmt: skip
+        new.save(self.state_dir, self.settings.keep_checkpoints)
+        return new
 
     def aggregate_evaluate(self, round_: int, replies: dict[int, Any]) -> dict[str, Any] | None:
         """Example-weighted accuracy and loss over the nodes that evaluated; None when none did. A reply that fails
@@ -468,7 +545,9 @@ class FFTMoEStrategy:
     def start(self, grid: Any) -> GlobalState:
         s = self.settings
         state = self.initial_state()
-        if state.round == 0 and s.eval_data and not state.history:
+        if s.head != "fedavg" and state.round == 0 and not any("ridge_head" in h for h in state.history):
+            state = self.solve_ridge_head(grid, state)
+        if state.round == 0 and s.eval_data and not any("central" in h for h in state.history):
             central = self.evaluate_central(state)
             log.info("round 0 (initial global model): central accuracy %.4f, loss %.4f", central["accuracy"], central["loss"])
             state.history.append({"round": 0, "central": central})

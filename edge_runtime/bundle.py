@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "fftmoe-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 (2026-12-02): the training and eval models also output ``features``, the pooled representation the head reads."""
 MANIFEST_NAME = "manifest.json"
 
 EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
@@ -57,7 +58,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask")
 VISION_INPUTS = ("pixel_values",)
 COMMON_INPUTS = ("labels", "routing_target")
 # Outputs of the training and eval models, in order (the first one is the loss that is differentiated).
-OUTPUTS = ("loss", "logits", "ce_loss", "aux_balance", "aux_hetero", "route_counts", "route_prob_sum")
+OUTPUTS = ("loss", "logits", "ce_loss", "aux_balance", "aux_hetero", "route_counts", "route_prob_sum", "features")
 
 
 def tier_file_paths(tier_dir: Path) -> dict[str, Path]:

@@ -10,6 +10,8 @@ Messages (contents defined in ``edge_runtime.records``, documented in ``docs/upd
   device trains its tier on its local data and replies with the sparse update.
 - ``evaluate``: the same kind of instruction without training; the device replies with accuracy and loss on its
   held-out share.
+- ``query.statistics``: the same kind of instruction; the device runs its training rows through the eval model once
+  and replies with the closed-form head's sums (``edge_runtime/head_stats.py``).
 
 Every setting of the device comes from the SuperNode's ``--node-config`` (``NodeSettings``); a virtual device of
 ``fftmoe-coordinator simulate`` gets them from the simulation plan named in the run config, by its partition id.
@@ -42,6 +44,7 @@ from edge_runtime.records import (
     manifest_from_hello,
     metrics_to_record,
     printable,
+    statistics_to_record,
     update_to_record,
 )
 
@@ -365,6 +368,11 @@ def _build_app():  # noqa: ANN202
     def evaluate(msg: Message, context: Context) -> Message:
         return Message(_run(msg.content, NodeSettings.from_context(dict(context.node_config), dict(context.run_config)), training=False), reply_to=msg)
 
+    @app.query("statistics")
+    def statistics(msg: Message, context: Context) -> Message:
+        node = NodeSettings.from_context(dict(context.node_config), dict(context.run_config))
+        return Message(_run(msg.content, node, training=False, statistics=True), reply_to=msg)
+
     return app
 
 
@@ -382,8 +390,9 @@ def drop_eval_sessions(keep: Any = None) -> None:
         trim_heap()
 
 
-def _run(content: Any, node: NodeSettings, training: bool) -> Any:
-    """One train or evaluate message: open the tier, load the instruction's values, train and/or evaluate."""
+def _run(content: Any, node: NodeSettings, training: bool, statistics: bool = False) -> Any:
+    """One train, evaluate or statistics message: open the tier, load the instruction's values, then train, evaluate
+    on the held-out share, or sum the closed-form head's statistics over the training rows."""
     import time
 
     from edge_runtime.backends import resolve_backend
@@ -415,6 +424,9 @@ def _run(content: Any, node: NodeSettings, training: bool) -> Any:
     received = sum(int(v.nbytes) for v in ins.values.values())
     _, device_batch, _ = choose_node_tier(node, manifest, bundle_dir, backend)  # the batch its memory affords (as its hello said)
     batch = max(1, min(int(s.get("batch_size", 16)), device_batch))
+    if statistics:
+        stats = session.head_statistics(train_data, batch)
+        return statistics_to_record(stats, ins.round, {"seconds": time.perf_counter() - started, "received_bytes": float(received)})
     if not training:
         if held is None:
             return metrics_to_record(ins.round, {"examples": 0.0, "received_bytes": float(received)})
@@ -424,7 +436,8 @@ def _run(content: Any, node: NodeSettings, training: bool) -> Any:
         epochs=int(s.get("epochs", 1)), max_steps=int(s["max_steps"]) if s.get("max_steps") else None, batch_size=batch,
         learning_rate=float(s.get("learning_rate", 1e-3)), seed=int(s.get("seed", 0)) + ins.round, max_seq_len=max_len,
     )  # fmt: skip
-    result = session.train(train_data, config)
+    frozen = tuple(n for n in session.tier.trainable_names if n.startswith("head.")) if s.get("freeze_head") else ()
+    result = session.train(train_data, config, frozen=frozen)
     metrics = {"train_loss": result.mean_loss, "train_seconds": result.seconds, "steps": float(result.steps),
                "received_bytes": float(received), "seconds": time.perf_counter() - started, "start_rss_mb": start_rss, **_memory(window)}  # fmt: skip
     update = session.update(result.examples, result.stats, metrics)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.bundle import BACKEND_NAMES, BundleError, Manifest, needed_files
+from edge_runtime.head_stats import STATS_FORMAT, STATS_VERSION, HeadStatistics, StatisticsError
 from edge_runtime.update import MAX_COUNT, MAX_METRIC, Update, UpdateError, manifest_id
 
 MESSAGES_FORMAT = "fftmoe-messages"
@@ -342,3 +343,38 @@ def metrics_from_record(content: Any, where: str = "evaluate reply") -> tuple[di
             raise MessageError(f"{where}: metric {printable(repr(k), 40)} must be a finite number, got {printable(repr(v), 40)}")
         out[str(k)] = float(v)
     return out, meta["round"]
+
+
+def statistics_to_record(stats: HeadStatistics, round_: int, metrics: dict[str, float] | None = None) -> Any:
+    """A device's head statistics (``edge_runtime/head_stats.py``) as the reply to a ``query.statistics``."""
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    meta = {"round": round_, "statistics": {"format": STATS_FORMAT, "format_version": STATS_VERSION, "examples": stats.examples},
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()}}  # fmt: skip
+    arrays = ArrayRecord({"gram": Array(np.ascontiguousarray(stats.gram, np.float64)), "cross": Array(np.ascontiguousarray(stats.cross, np.float64))})
+    return RecordDict({META_KEY: _meta_record(meta), "statistics": arrays})
+
+
+def statistics_from_record(content: Any, manifest: Manifest, where: str = "statistics reply", max_examples: int = MAX_COUNT) -> tuple[HeadStatistics, int]:
+    """The checked head statistics a reply carries and the round it answers: ``MessageError`` for a malformed
+    message, ``StatisticsError`` (naming the rule) for sums that no ``max_examples`` rows of this bundle's
+    ``hidden_size`` features and labels could give."""
+    meta = _meta(content, where)
+    info = meta.get("statistics")
+    if not isinstance(info, dict) or info.get("format") != STATS_FORMAT or info.get("format_version") != STATS_VERSION:
+        raise MessageError(f"{where}: 'statistics' must be a {STATS_FORMAT} version {STATS_VERSION} object")
+    round_ = count_field(meta, "round", where)
+    examples = count_field(info, "examples", where, 1, max_examples)
+    try:
+        arrays = _arrays(content.array_records["statistics"])
+    except KeyError:
+        raise MessageError(f"{where}: no 'statistics' array record") from None
+    except Exception as exc:  # noqa: BLE001  # np.load of bytes that are no .npy raises EOFError, BadZipFile, ...
+        raise MessageError(f"{where}: an array of the 'statistics' record cannot be read ({type(exc).__name__})") from None
+    if set(arrays) != {"gram", "cross"}:
+        raise MessageError(f"{where}: the 'statistics' record must hold exactly 'gram' and 'cross', got {printable(repr(sorted(arrays)), 120)}")
+    stats = HeadStatistics(arrays["gram"], arrays["cross"], examples)
+    try:
+        return stats.validate(manifest.hidden_size, len(manifest.labels), max_examples), round_
+    except StatisticsError as exc:
+        raise MessageError(f"{where}: {exc}") from None

@@ -15,9 +15,12 @@ import numpy as np
 from edge_runtime.backends import TierBackend, open_backend
 from edge_runtime.bundle import Manifest, backend_files, verify_files
 from edge_runtime.data import EncodedData
+from edge_runtime.head_stats import HeadStatistics
 from edge_runtime.update import Update, UpdateError, check_assignment, tier_values_from_global, tier_values_from_pool
 
-OUT = {"loss": 0, "logits": 1, "ce_loss": 2, "aux_balance": 3, "aux_hetero": 4, "route_counts": 5, "route_prob_sum": 6}
+from edge_runtime.bundle import OUTPUTS
+
+OUT = {name: i for i, name in enumerate(OUTPUTS)}
 
 
 class TrainingError(RuntimeError):
@@ -174,9 +177,13 @@ class TierSession:
         start_step: int = 0,
         on_step: Callable[[StepResult], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        frozen: tuple[str, ...] = (),
     ) -> TrainResult:
-        """Train for ``config.epochs`` epochs (or ``max_steps``), from a position (for resuming)."""
+        """Train for ``config.epochs`` epochs (or ``max_steps``), from a position (for resuming). ``frozen``: tensors
+        (tier names, e.g. the head's) put back to their starting values after every step: the artifacts train every
+        tensor, so this is how a frozen head stays fixed while the experts learn against it."""
         self.backend.set_learning_rate(config.learning_rate)
+        kept = {name: self.backend.get(name) for name in frozen}
         stats = RoutingStats.zeros(self.manifest.num_layers, self.width)
         per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
         step, examples, losses, stopped, interrupted = start_step, 0, [], False, False
@@ -191,6 +198,8 @@ class TierSession:
                     stopped = interrupted = True
                     break
                 outputs = self.backend.train_step(self.inputs(batch))
+                for name, value in kept.items():
+                    self.backend.set(name, value)
                 loss = float(outputs[OUT["loss"]])
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -220,6 +229,15 @@ class TierSession:
             if on_batch:
                 on_batch(b + 1, total)
         return {"accuracy": correct / n, "loss": ce_sum / n, "examples": float(n)}
+
+    def head_statistics(self, data: EncodedData, batch_size: int = 64) -> HeadStatistics:
+        """The closed-form head's sums over ``data`` (``edge_runtime/head_stats.py``) from the eval model's
+        ``features``, with the values loaded now (no update)."""
+        stats = HeadStatistics.zeros(self.manifest.hidden_size, len(self.manifest.labels))
+        for batch in data.batches(batch_size):
+            outputs = self.backend.evaluate(self.inputs(batch))
+            stats.add(outputs[OUT["features"]], batch[-1])
+        return stats.symmetrised()
 
     # -- the update --------------------------------------------------------------------------------------------
 

@@ -168,7 +168,8 @@ class AdaptedEncoder(nn.Module):
     ``forward`` takes the training-graph inputs in bundle order (``input_ids, attention_mask`` or
     ``pixel_values``, then ``labels`` [B] and ``routing_target`` [L, w]) and returns the outputs in
     ``edge_runtime.bundle.OUTPUTS`` order: loss, logits, ce_loss, aux_balance, aux_hetero, route_counts [L, w],
-    route_prob_sum [L, w]. ``w`` is ``route_width``: the slots of an MoE tier, 1 for a LoRA adapter (one "slot"
+    route_prob_sum [L, w], features [B, d] (the pooled representation the head reads: what a device sums into the
+    statistics of the closed-form head, ``docs/algorithm.md``). ``w`` is ``route_width``: the slots of an MoE tier, 1 for a LoRA adapter (one "slot"
     that every token uses), so that every method's artifacts have the same inputs and outputs and one edge runtime
     trains them all.
     """
@@ -190,6 +191,11 @@ class AdaptedEncoder(nn.Module):
 
     def logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model inputs -> (logits [B, num_labels], token_mask [B, S])."""
+        pooled, token_mask = self.features(*inputs)
+        return self.head(pooled), token_mask
+
+    def features(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model inputs -> (pooled features [B, d], the head's input; token_mask [B, S])."""
         if self.arch.modality == "text":
             input_ids, attention_mask = inputs
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, S, d]
@@ -203,7 +209,7 @@ class AdaptedEncoder(nn.Module):
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [B, d]
         else:
             pooled = hidden[:, 0]  # [B, d]
-        return self.head(pooled), token_mask
+        return pooled, token_mask
 
     def routing(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (probs, selected), each [B, S, w], of the last forward pass."""
@@ -215,7 +221,8 @@ class AdaptedEncoder(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         *model_inputs, labels, routing_target = inputs
-        logits, token_mask = self.logits(*model_inputs)
+        pooled, token_mask = self.features(*model_inputs)
+        logits = self.head(pooled)
         ce = nn.functional.cross_entropy(logits, labels)
         balances, heteros, counts, prob_sums = [], [], [], []
         for i, (probs, selected) in enumerate(self.routing(token_mask)):
@@ -228,7 +235,7 @@ class AdaptedEncoder(nn.Module):
         aux_hetero = torch.stack(heteros).mean()
         alpha, beta = self.aux_weights()
         loss = ce + alpha * aux_balance + beta * aux_hetero
-        return loss, logits, ce, aux_balance, aux_hetero, torch.stack(counts), torch.stack(prob_sums)
+        return loss, logits, ce, aux_balance, aux_hetero, torch.stack(counts), torch.stack(prob_sums), pooled
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

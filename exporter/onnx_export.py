@@ -57,7 +57,7 @@ def input_names(model: AdaptedEncoder) -> list[str]:
 
 
 def _dynamic_axes(model: AdaptedEncoder) -> dict[str, dict[int, str]]:
-    axes: dict[str, dict[int, str]] = {"labels": {0: "batch"}, "logits": {0: "batch"}}
+    axes: dict[str, dict[int, str]] = {"labels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}
     if model.arch.modality == "text":
         axes["input_ids"] = {0: "batch", 1: "sequence"}
         axes["attention_mask"] = {0: "batch", 1: "sequence"}

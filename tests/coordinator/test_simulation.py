@@ -133,3 +133,57 @@ def test_simulate_four_clients_continue_and_compare(tiny_bundle: Path, tmp_path:
     rows = [line.split(" | ") for line in md.stdout.strip().splitlines()]
     assert md.returncode == 0 and len(rows) == 4 and rows[0][0] == "| run" and rows[2][0] == f"| {a.name}" and rows[3][2] == "iid"
     assert all(len(r) == len(rows[0]) for r in rows[2:])
+
+
+def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float) -> tuple:
+    """The ridge head computed here from the clients' training files: PyTorch's pooled features of the bundle's
+    initial model (every adapter starts at zero), summed and solved with NumPy's lstsq (no fftmoe solver)."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+
+    from coordinator.global_model import build_global_model
+    from edge_runtime.data import DataSpec, TextEncoder, encode_examples, load_examples
+
+    manifest = load_manifest(bundle)
+    model = build_global_model(bundle, manifest, load_file(str(bundle / manifest.global_pool.path)))
+    encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
+    phi, labels = [], []
+    for node in json.loads((run / "plan.json").read_text())["nodes"]:
+        data = encode_examples(load_examples(Path(node["node_config"]["data"]), DataSpec(("text",), "label"), manifest.labels), encoder)
+        with torch.no_grad():
+            for ids, mask, y in data.batches(16):
+                phi.append(model.features(torch.from_numpy(ids), torch.from_numpy(mask))[0].numpy().astype(np.float64))
+                labels.append(y)
+    x, y = np.concatenate(phi), np.concatenate(labels)
+    d, c = x.shape[1], len(manifest.labels)
+    lam = ridge * np.square(x).sum() / d
+    z = np.hstack([x, np.ones((len(x), 1))])
+    a = np.vstack([z, np.hstack([np.sqrt(lam) * np.eye(d), np.zeros((d, 1))])])
+    sol, *_ = np.linalg.lstsq(a, np.vstack([np.eye(c)[y], np.zeros((d, c))]), rcond=None)
+    return scale * sol[:d].T, scale * sol[d], len(y)
+
+
+def test_a_ridge_head_solved_from_every_client_and_kept_frozen(tiny_bundle: Path, tiny_fedit: Path, tmp_path: Path) -> None:
+    """``--head ridge-frozen`` end to end: before round 1 every client sends its statistics, the coordinator solves
+    the head, and after two rounds of training the global head is still exactly that head, which equals a direct
+    least-squares fit on the pooled features of all the clients' training rows; FedIT gets the same treatment."""
+    import numpy as np
+
+    data = write_tiny_csv(tmp_path / "data.csv", 240, 0)
+    fleet = fixed_fleet(tmp_path / "fleet.json", [1, 2, 4])
+    for name, bundle in (("fftmoe", tiny_bundle), ("fedit", tiny_fedit)):
+        run = tmp_path / name
+        summary = simulate(bundle, data, fleet, run, 2, "--alpha", "0.5", "--head", "ridge-frozen", "--ridge", "0.01", "--ridge-scale", "4")
+        assert summary["ok"] and summary["rounds"] == 2
+        history = json.loads((run / "state" / "history.json").read_text())
+        info = history[0]["ridge_head"]
+        assert len(info["nodes"]) == 4 and info["rejected"] == {} and info["mode"] == "ridge-frozen"
+        manifest = load_manifest(bundle)
+        weight, bias, rows = _direct_ridge_head(run, bundle, 0.01, 4.0)
+        assert info["examples"] == rows
+        state = GlobalState.load(run / "state", manifest_id(manifest))
+        assert state.round == 2 and history[-1]["round"] == 2
+        np.testing.assert_allclose(state.pool["head.weight"], weight, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(state.pool["head.bias"], bias, rtol=1e-3, atol=1e-4)
+        assert any("central" in h and h["round"] == 0 for h in history)  # the round-0 evaluation sees the solved head

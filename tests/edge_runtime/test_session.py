@@ -127,3 +127,41 @@ def test_the_pytorch_backend_trains_from_the_encoder_without_the_tiers_ort_artif
     assert result.steps == 3 and all(not np.array_equal(before[n], v) for n, v in session.values().items())
     with pytest.raises(IntegrityError, match="tiers/t2/"):
         open_session(board, "ort")
+
+
+def test_head_statistics_are_the_sums_of_the_pooled_features_pytorch_computes(tiny_bundle: Path) -> None:
+    """The ORT eval model's ``features`` summed into G and B equal the same sums over PyTorch's pooled output
+    (an independent forward pass), with the slots filled as the session's; and the sums pass their own checks."""
+    import torch
+
+    from edge_runtime.backends import model_from_bundle
+
+    session, _ = open_session(tiny_bundle)
+    data = tiny_data(21)
+    stats = session.head_statistics(data, batch_size=8)
+    model = model_from_bundle(tiny_bundle, session.manifest, 2)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in session.values().items()}, strict=False)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for ids, mask, _ in data.batches(8):
+            rows.append(model.features(torch.from_numpy(ids), torch.from_numpy(mask))[0].numpy())
+    phi = np.concatenate(rows).astype(np.float64)
+    z = np.concatenate([phi, np.ones((len(phi), 1))], axis=1)
+    y = np.eye(len(session.manifest.labels))[data.labels]
+    assert stats.examples == 21
+    np.testing.assert_allclose(stats.gram, z.T @ z, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.cross, z.T @ y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(stats.gram, stats.gram.T)
+    stats.validate(session.manifest.hidden_size, len(session.manifest.labels), 21)
+
+
+def test_a_frozen_head_stays_while_the_slots_train(tiny_bundle: Path) -> None:
+    session, _ = open_session(tiny_bundle)
+    before = session.values()
+    head = tuple(n for n in session.tier.trainable_names if n.startswith("head."))
+    assert head
+    session.train(tiny_data(), TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2), frozen=head)
+    after = session.values()
+    for n in session.tier.trainable_names:
+        assert np.array_equal(before[n], after[n]) == (n in head), n

@@ -45,8 +45,10 @@ def test_forward_outputs_and_zero_adapter_preserves_encoder(tiny_bert_dir: Path)
     ids = torch.randint(5, 40, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.int64)
     out = model(ids, mask, torch.tensor([0, 2]), torch.full((2, 3), 1 / 3))
-    loss, logits, ce, bal, het, counts, psum = out
+    loss, logits, ce, bal, het, counts, psum, features = out
     assert logits.shape == (2, 3) and counts.shape == (2, 3) and psum.shape == (2, 3)
+    torch.testing.assert_close(logits, model.head(features))  # the features are what the head reads
+    torch.testing.assert_close(features, model.features(ids, mask)[0])
     assert torch.allclose(loss, ce + 0.01 * bal + 0.01 * het)
     # each real token picks top_k = 2 slots in each layer
     assert torch.equal(counts.sum(dim=1), torch.full((2,), 2.0 * 14))
