@@ -29,6 +29,10 @@ HEAD_HELP = ("How the classification head is set. fedavg: the bundle's random he
              "kept fixed while the devices train their adapters against it.")
 RIDGE_HELP = "The ridge head's lambda, as a fraction of the mean eigenvalue of the features' Gram matrix (with --head ridge*)."
 RIDGE_SCALE_HELP = "The ridge head's logits are this times its least-squares outputs, which lie near 0 and 1 (with --head ridge*)."
+SERVER_OPT_HELP = "Server optimiser on each merged expert, router row, LoRA module and the head: fedavgm (with --server-lr 1, --server-momentum 0 and --server-damping 0 the plain merge) or fedadam."
+SERVER_LR_HELP = "Server learning rate eta: the merged change is applied times this."
+SERVER_MOMENTUM_HELP = "Server momentum beta (FedAvgM), or FedAdam's first-moment decay; kept per unit in the state (survives --resume)."
+SERVER_DAMPING_HELP = "lambda of the damped sparse merge: an expert's change is scaled by W_holders / (W_holders + lambda W_others), so an expert trained by few of the round's devices moves less."
 MAX_SHARE_HELP = ("Robustness: the largest share any one device may have in the mean of an expert, router row, LoRA module or the head "
                   "(its example count is its own claim); 1: no bound. Never below 1/n for n devices.")
 
@@ -99,8 +103,12 @@ def serve(
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip (scale the change down to the bound) or reject (leave the update out)."),
     max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
     head: str = typer.Option("fedavg", help=HEAD_HELP),
-    ridge: float = typer.Option(1e-3, help=RIDGE_HELP),
-    ridge_scale: float = typer.Option(8.0, help=RIDGE_SCALE_HELP),
+    ridge: float = typer.Option(0.1, help=RIDGE_HELP),
+    ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
+    server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
+    server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
+    server_momentum: float = typer.Option(0.0, help=SERVER_MOMENTUM_HELP),
+    server_damping: float = typer.Option(0.0, help=SERVER_DAMPING_HELP),
     keep_checkpoints: int = typer.Option(3, help="Completed rounds kept in --state-dir (the newest, and that many minus one before it; at least 2): --resume-round can go back to any of them."),
     eval_every: int = typer.Option(1, help="Federated evaluation on the devices' held-out data (and central evaluation with --eval-data) every N rounds and after the last (0: never)."),
     eval_data: Optional[Path] = typer.Option(None, help="Data file on this host for centralised evaluation of the global model (needs torch: the export extra)."),
@@ -149,7 +157,8 @@ def serve(
             wait_seconds=wait_seconds, round_timeout=round_timeout, max_failed_rounds=max_failed_rounds, epochs=local_epochs,
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
             max_update_norm=max_update_norm, norm_action=norm_action, max_share=max_share, keep_checkpoints=keep_checkpoints,
-            head=head, ridge=ridge, ridge_scale=ridge_scale,
+            head=head, ridge=ridge, ridge_scale=ridge_scale, server_opt=server_opt, server_lr=server_lr,
+            server_momentum=server_momentum, server_damping=server_damping,
             resume_round=resume_round, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
             keep_updates=keep_updates,
@@ -238,8 +247,12 @@ def simulate(
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip or reject."),
     max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
     head: str = typer.Option("fedavg", help=HEAD_HELP),
-    ridge: float = typer.Option(1e-3, help=RIDGE_HELP),
-    ridge_scale: float = typer.Option(8.0, help=RIDGE_SCALE_HELP),
+    ridge: float = typer.Option(0.1, help=RIDGE_HELP),
+    ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
+    server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
+    server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
+    server_momentum: float = typer.Option(0.0, help=SERVER_MOMENTUM_HELP),
+    server_damping: float = typer.Option(0.0, help=SERVER_DAMPING_HELP),
     seed: int = typer.Option(0, help="Seed of the hold-out, partition, fleet order, sampling and data order."),
     parallel: int = typer.Option(0, help="Clients training at once (0: this machine's cores); each uses one thread."),
     verbose: bool = typer.Option(False, "--verbose", help="Echo the whole run log (it is always in OUT/run.log)."),
@@ -268,7 +281,8 @@ def simulate(
         run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
                "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting,
                "max_update_norm": max_update_norm, "norm_action": norm_action, "max_share": max_share,
-               "head": head, "ridge": ridge, "ridge_scale": ridge_scale}  # fmt: skip
+               "head": head, "ridge": ridge, "ridge_scale": ridge_scale, "server_opt": server_opt, "server_lr": server_lr,
+               "server_momentum": server_momentum, "server_damping": server_damping}  # fmt: skip
         settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
                                min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,
                                text_columns=tuple(text_column), label_column=label_column, label_map=label_map or "", seed=seed,
@@ -367,8 +381,9 @@ def _last_error(log: Path, start: int) -> str:
 
 SUMMARY_COLUMNS = [
     ("run", "run", lambda v: Path(str(v)).name), ("method", "method", str), ("partition", "data", lambda v: str(v)),
-    ("alpha", "alpha", lambda v: "-" if v is None else f"{v:g}"), ("rounds", "rounds", str),
+    ("alpha", "alpha", lambda v: "-" if v is None else f"{v:g}"), ("seed", "seed", str), ("head", "head", str), ("rounds", "rounds", str),
     ("final_global_accuracy", "global acc", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("last_two_global_delta", "last-two delta", lambda v: "-" if v is None else f"{v:.3f}"),
     ("final_personal_accuracy", "personal acc", lambda v: "-" if v is None else f"{v:.3f}"),
     ("rounds_to_target", "rounds to 80%", lambda v: "-" if v is None else str(v)),
     ("upload_mb_per_client_round", "up MB/client-round", lambda v: "-" if v is None else f"{v:.3f}"),
@@ -429,10 +444,11 @@ def compare(
     plot: Path = typer.Option(Path("runs/compare.png"), help="Where to write the comparison plot."),
     json_out: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as GitHub Markdown (for a report)."),
+    paired: bool = typer.Option(False, "--paired", help="Also pair the runs by seed (same partition and alpha): each method's final global accuracy per seed, and its difference to the first run's method with mean, standard deviation and every seed."),
 ) -> None:
     """Compare runs: one table (final and personalised accuracy, rounds to 80%, upload per client-round, peak memory
     per tier, wall time) and one plot (global accuracy against round and against cumulative upload)."""
-    from coordinator.report import ReportError, load_run, plot_compare
+    from coordinator.report import ReportError, load_run, paired_seeds, plot_compare
 
     loaded = []
     try:
@@ -443,13 +459,39 @@ def compare(
     plot.parent.mkdir(parents=True, exist_ok=True)
     plot_compare([(f"{s['method']} {s.get('partition')}{'' if s.get('alpha') is None else ' a=' + format(s['alpha'], 'g')} ({Path(s['run']).name})", rows)
                   for s, rows in loaded], plot)  # fmt: skip
+    summaries = [s for s, _ in loaded]
+    try:
+        pairs = paired_seeds(summaries) if paired else None
+    except ValueError as exc:
+        _fail(f"--paired: {exc}", EXIT_BAD_ARGS, json_out)
     if json_out:
-        print(json.dumps({"runs": [s for s, _ in loaded], "plot": str(plot)}))
+        print(json.dumps({"runs": summaries, "plot": str(plot), **({"paired": pairs} if pairs else {})}))
     elif markdown:
-        print(markdown_table([s for s, _ in loaded]))
+        print(markdown_table(summaries))
+        if pairs:
+            print("\n" + paired_markdown(pairs))
     else:
-        _print_summaries([s for s, _ in loaded])
+        _print_summaries(summaries)
+        if pairs:
+            Console(width=200).print(paired_markdown(pairs), highlight=False)
         Console().print(f"plot: {plot}", highlight=False)
+
+
+def paired_markdown(pairs: dict) -> str:
+    """The per-seed table of ``report.paired_seeds`` and the differences to the first method, in Markdown."""
+    labels, first = pairs["labels"], pairs["against"]
+    lines = ["| seed | " + " | ".join(labels) + "".join(f" | {lab} - {first}" for lab in labels[1:]) + " |", "|" + "---|" * (2 * len(labels))]
+    for seed, row in pairs["seeds"].items():
+        cells = [f"{row[lab]:.3f}" if lab in row else "-" for lab in labels]
+        cells += [f"{100 * (row[lab] - row[first]):+.1f}" if lab in row and first in row else "-" for lab in labels[1:]]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    sd = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    cells = [f"{pairs['means'][lab]['mean']:.3f} (sd {sd(pairs['means'][lab]['sd'])})" for lab in labels]
+    for lab in labels[1:]:
+        d = pairs["differences"][lab]
+        cells.append("-" if d["mean"] is None else f"{100 * d['mean']:+.1f} (sd {'-' if d['sd'] is None else format(100 * d['sd'], '.1f')})")
+    lines.append("| mean | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @app.command(epilog="Exit codes: 0 written; 1 export failed; 3 invalid bundle or saved state.")

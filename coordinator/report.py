@@ -56,6 +56,8 @@ def metrics_rows(history: list[dict[str, Any]], tiers: dict[str, int] | None = N
     rows: list[dict[str, Any]] = []
     cumulative_up = 0.0
     for h in history:
+        if "ridge_head" in h and "central" not in h:
+            continue  # the closed-form head's record: in the summary (``head_statistics``), not a round
         row: dict[str, Any] = {"round": int(h["round"])}
         if "central" in h:
             row["global_accuracy"], row["global_loss"] = h["central"]["accuracy"], h["central"]["loss"]
@@ -92,7 +94,19 @@ def metrics_rows(history: list[dict[str, Any]], tiers: dict[str, int] | None = N
     return rows
 
 
-def summarize(rows: list[dict[str, Any]], plan: dict[str, Any] | None, manifest: Any, target: float = TARGET_ACCURACY) -> dict[str, Any]:
+def head_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the run set its head: the mode, and for a closed-form head what its statistics round used and cost."""
+    info = next((h["ridge_head"] for h in history if "ridge_head" in h), None)
+    if info is None:
+        return {"head": "fedavg"}
+    received = info.get("received_bytes", {})
+    return {"head": info["mode"], "head_statistics": {"nodes": len(info.get("nodes", [])), "rejected": len(info.get("rejected", {})),
+            "examples": info.get("examples"), "ridge": info.get("ridge"), "scale": info.get("scale"),
+            "upload_mb_per_client": float(np.mean(list(received.values()))) / 1e6 if received else None}}  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]], plan: dict[str, Any] | None, manifest: Any, target: float = TARGET_ACCURACY,
+              history: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     """The figures of a run for the benchmark table."""
     trained = [r for r in rows if "train_loss" in r]
     glob = [(r["round"], r["global_accuracy"]) for r in rows if "global_accuracy" in r]
@@ -108,10 +122,12 @@ def summarize(rows: list[dict[str, Any]], plan: dict[str, Any] | None, manifest:
     return {
         "method": method_name(manifest), "rounds": len(trained), "clients": len((plan or {}).get("nodes", [])),
         "partition": (plan or {}).get("settings", {}).get("partition"), "alpha": (plan or {}).get("settings", {}).get("alpha"),
+        "seed": (plan or {}).get("settings", {}).get("seed"), **head_summary(history or []),
         "fleet": (plan or {}).get("fleet", {}).get("name"), "tiers": tier_counts,
         "trainable_params_by_tier": {str(t): manifest.tiers[t].trainable_params for t in sorted(manifest.tiers)},
         "initial_global_accuracy": glob[0][1] if glob and glob[0][0] == 0 else None,
         "final_global_accuracy": glob[-1][1] if glob else None, "best_global_accuracy": max((a for _, a in glob), default=None),
+        "last_two_global_delta": abs(glob[-1][1] - glob[-2][1]) if len(glob) >= 2 and glob[-2][0] > 0 else None,
         "final_personal_accuracy": pers[-1][1] if pers else None, "target_accuracy": target, "rounds_to_target": reach,
         "upload_mb_per_client_round": float(np.mean([r["upload_mb_per_client"] for r in trained])) if trained else None,
         "download_mb_per_client_round": float(np.mean([r["download_mb_per_client"] for r in trained])) if trained else None,
@@ -217,7 +233,7 @@ def write_report(out: Path, manifest: Any, plots: bool = True) -> dict[str, Any]
     except json.JSONDecodeError as exc:
         raise ReportError(f"{out}: damaged history or plan ({exc})") from exc
     rows = metrics_rows(history)
-    summary = summarize(rows, plan, manifest)
+    summary = summarize(rows, plan, manifest, history=history)
     summary["run"] = str(out)
     tmp = out / (METRICS_FILE + ".partial")
     tmp.write_text("".join(json.dumps({"method": summary["method"], **r}) + "\n" for r in rows), encoding="utf-8")
@@ -260,3 +276,33 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
         a.legend(fontsize=7) if a.lines else None
     _save(fig, path)
     return path
+
+
+def run_label(summary: dict[str, Any]) -> str:
+    """What a run is, without its seed: the method, and the head when it is not FedAvg's."""
+    head = summary.get("head") or "fedavg"
+    return summary["method"] if head == "fedavg" else f"{summary['method']} ({head})"
+
+
+def paired_seeds(summaries: list[dict[str, Any]], key: str = "final_global_accuracy") -> dict[str, Any]:
+    """Runs paired by seed (same data, partition and fleet): per seed each label's ``key``; and for each label after
+    the first (the first run's), its difference to the first label at the seeds both ran, with mean and sample
+    standard deviation. Runs of different data settings (partition, alpha) are not paired: raises ValueError."""
+    settings = {(s.get("partition"), s.get("alpha")) for s in summaries}
+    if len(settings) != 1:
+        raise ValueError(f"paired runs must share partition and alpha, got {sorted(map(str, settings))}")
+    labels = list(dict.fromkeys(run_label(s) for s in summaries))
+    table: dict[int, dict[str, float]] = {}
+    for s in summaries:
+        if s.get(key) is not None and s.get("seed") is not None:
+            table.setdefault(int(s["seed"]), {})[run_label(s)] = float(s[key])
+    out: dict[str, Any] = {"key": key, "labels": labels, "seeds": {str(k): v for k, v in sorted(table.items())}, "against": labels[0], "differences": {}}
+    for label in labels:
+        values = [v[label] for v in table.values() if label in v]
+        out.setdefault("means", {})[label] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                               "seeds": len(values)}  # fmt: skip
+    for label in labels[1:]:
+        diffs = [v[label] - v[labels[0]] for v in table.values() if label in v and labels[0] in v]
+        out["differences"][label] = {"mean": float(np.mean(diffs)) if diffs else None, "sd": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+                                     "seeds": len(diffs), "every_seed": diffs}  # fmt: skip
+    return out

@@ -21,6 +21,7 @@ import numpy as np
 
 from coordinator.merge import MergeReport, fleet_usage, merge_lora, merge_updates, update_usage
 from coordinator.plan import assign_experts, preferences_from_stats, routing_target
+from coordinator.server_opt import ServerOptimizer, trained_weights
 from coordinator.state import GlobalState
 from edge_runtime.backends import ADAMW_BETAS
 from edge_runtime.bundle import Manifest
@@ -424,10 +425,12 @@ def seen_digests(state: GlobalState) -> set[str]:
 
 
 def apply_round(state: GlobalState, manifest: Manifest, screened: Screened, weighting: str = "examples",
-                record: dict[str, Any] | None = None, max_share: float = 1.0, keep_head: bool = False) -> GlobalState:  # fmt: skip
+                record: dict[str, Any] | None = None, max_share: float = 1.0, keep_head: bool = False,
+                optimizer: ServerOptimizer | None = None) -> GlobalState:  # fmt: skip
     """The next global state: merged pool (no node's share of any mean above ``max_share``), updated usage and
-    preferences, round + 1, and a history record. ``keep_head``: the head stays as it was (a frozen head). Check the
-    pool with ``check_merged`` before committing it."""
+    preferences, round + 1, and a history record. ``keep_head``: the head stays as it was (a frozen head).
+    ``optimizer``: a server optimiser's step on the merged units (``server_opt``; None or plain: the merge as it
+    is). Check the pool with ``check_merged`` before committing it."""
     updates = [screened.accepted[n] for n in sorted(screened.accepted)]
     if manifest.is_lora:
         pool, lora_weights = merge_lora(state.pool, updates, lora_modules(manifest), lora_rule(manifest), max_share)
@@ -436,6 +439,10 @@ def apply_round(state: GlobalState, manifest: Manifest, screened: Screened, weig
         report = MergeReport()
     else:
         pool, report = merge_updates(state.pool, updates, manifest.num_layers, manifest.num_experts, weighting, max_share)
+    moments = state.moments
+    if optimizer is not None and not optimizer.is_plain:
+        trained = trained_weights(updates, manifest.num_layers, manifest.num_experts)
+        pool, moments = optimizer.step(state.pool, pool, trained, state.moments)
     if keep_head:
         pool.update({k: v for k, v in state.pool.items() if k.startswith("head.")})
     usage = update_usage(state.usage, fleet_usage(updates, manifest.num_layers, manifest.num_experts))
@@ -454,4 +461,4 @@ def apply_round(state: GlobalState, manifest: Manifest, screened: Screened, weig
         "clipped": {str(n): units for n, units in sorted(screened.clipped.items())},
         "capped": {str(n): claimed for n, claimed in sorted(screened.capped.items())}, **(record or {}),
     }  # fmt: skip
-    return GlobalState(state.manifest_id, pool, usage, state.round + 1, preferences, [*state.history, entry])
+    return GlobalState(state.manifest_id, pool, usage, state.round + 1, preferences, [*state.history, entry], moments)

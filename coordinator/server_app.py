@@ -48,6 +48,7 @@ from coordinator.rounds import (
     screen_replies,
     seen_digests,
 )
+from coordinator.server_opt import ServerOptimizer
 from coordinator.state import LATEST, GlobalState
 from edge_runtime.bundle import Manifest, load_manifest, verify_files
 from edge_runtime.checkpoints import atomic_write_text
@@ -124,10 +125,18 @@ class RunSettings:
     """How the head is set (--head; ``coordinator.ridge_head.HEAD_MODES``): fedavg (random start, trained and merged),
     ridge (solved in closed form from every node's statistics before round 1, then trained and merged), ridge-frozen
     (solved before round 1 and kept fixed: devices put it back after each step and the merge leaves it)."""
-    ridge: float = 1e-3
+    ridge: float = 0.1
     """The ridge head's lambda as a fraction of the mean eigenvalue of the features' Gram matrix (--ridge)."""
-    ridge_scale: float = 8.0
+    ridge_scale: float = 6.0
     """The ridge head's logits are this times its least-squares outputs (near 0 and 1) (--ridge-scale)."""
+    server_opt: str = "fedavgm"
+    """The server optimiser on the merged units (--server-opt; ``coordinator.server_opt``): fedavgm or fedadam."""
+    server_lr: float = 1.0
+    """eta, the server learning rate (--server-lr; 1 with momentum 0 and damping 0: the plain merge)."""
+    server_momentum: float = 0.0
+    """beta: FedAvgM's momentum, FedAdam's first-moment decay (--server-momentum)."""
+    server_damping: float = 0.0
+    """lambda of the damped sparse merge: how much the round's nodes that did not train an expert hold it back (--server-damping)."""
     keep_checkpoints: int = 3
     """Committed rounds kept in --state-dir, the newest last; --resume-round goes back to any of them (--keep-checkpoints)."""
     resume_round: int = 0
@@ -188,11 +197,16 @@ class RunSettings:
             if not ok:
                 raise ValueError(message)
         NormBound.parse(self.max_update_norm)  # raises naming --max-update-norm
+        self.server_optimizer  # raises naming the --server-* flag
 
     @property
     def screening(self) -> Screening:
         """How replies are screened: the update bound, what an update over it gets, the learning rate it assumes."""
         return Screening(NormBound.parse(self.max_update_norm), self.norm_action, self.lr)
+
+    @property
+    def server_optimizer(self) -> ServerOptimizer:
+        return ServerOptimizer(self.server_opt, self.server_lr, self.server_momentum, self.server_damping)
 
     @property
     def frozen_head(self) -> bool:
@@ -425,7 +439,7 @@ class FFTMoEStrategy:
         }  # fmt: skip
         if self.refused:
             record["refused"], self.refused = dict(self.refused), {}
-        new = apply_round(state, self.manifest, screened, s.weighting, record, s.max_share, keep_head=s.frozen_head)
+        new = apply_round(state, self.manifest, screened, s.weighting, record, s.max_share, keep_head=s.frozen_head, optimizer=s.server_optimizer)
         problem = check_merged(state.pool, new.pool, self.manifest, screened)
         if problem:
             log.error("round %d: the merged state is refused and not saved: %s", new.round, problem)
@@ -478,7 +492,7 @@ class FFTMoEStrategy:
                                     ridge_lambda=ridge_lambda(combined.gram, self.settings.ridge),
                                     received_bytes={str(n): int(s.gram.nbytes + s.cross.nbytes) for n, s in stats.items()})  # fmt: skip
         pool = {**state.pool, **head_values(weight, bias)}
-        return GlobalState(state.manifest_id, pool, state.usage, state.round, state.preferences, [*state.history, record]), record
+        return GlobalState(state.manifest_id, pool, state.usage, state.round, state.preferences, [*state.history, record], state.moments), record
 
     def solve_ridge_head(self, grid: Any, state: GlobalState) -> GlobalState:
         """Before round 1: ask every connected node for its statistics, solve and commit the head (once: a resumed

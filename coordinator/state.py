@@ -9,6 +9,7 @@ On disk, in the coordinator's state folder::
                                   "kept": [{"checkpoint": "round-00002-...", "round": 2, "files": {...}}, ...]}
     round-00003-ab12cd/pool.safetensors
     round-00003-ab12cd/state.json  manifest_id, round, usage, preferences, history
+    round-00003-ab12cd/optimizer.safetensors  the server optimiser's moments (only when it keeps any)
     round-00002-.../               older rounds listed in "kept" (newest first), ``keep`` - 1 of them
 
 A save writes a new round folder completely, then replaces ``latest.json`` (the one atomic commit), then deletes
@@ -33,6 +34,7 @@ STATE_FORMAT = "fftmoe-global-state"
 STATE_VERSION = 1
 LATEST = "latest.json"
 POOL_FILE = "pool.safetensors"
+MOMENTS_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_PREFIX = "round-"
 
@@ -49,6 +51,8 @@ class GlobalState:
     round: int = 0  # completed rounds
     preferences: dict[int, np.ndarray] = field(default_factory=dict)  # node id -> [L, M]
     history: list[dict[str, Any]] = field(default_factory=list)
+    moments: dict[str, np.ndarray] = field(default_factory=dict)
+    """The server optimiser's moments (``coordinator/server_opt.py``); empty for the plain merge."""
 
     @classmethod
     def initial(cls, manifest_id: str, pool: dict[str, np.ndarray], num_layers: int, num_experts: int) -> GlobalState:
@@ -63,6 +67,8 @@ class GlobalState:
 
         def write(ckpt: Path) -> None:
             save_file({k: np.ascontiguousarray(v) for k, v in self.pool.items()}, str(ckpt / POOL_FILE))
+            if self.moments:
+                save_file({k: np.ascontiguousarray(v) for k, v in self.moments.items()}, str(ckpt / MOMENTS_FILE))
             reach("checkpoint.writing")
             meta = {
                 "manifest_id": self.manifest_id, "round": self.round, "usage": self.usage.tolist(),
@@ -99,8 +105,9 @@ class GlobalState:
         try:
             meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
             pool = load_file(str(ckpt / POOL_FILE))
+            moments = load_file(str(ckpt / MOMENTS_FILE)) if (ckpt / MOMENTS_FILE).is_file() else {}
             state = cls(meta["manifest_id"], pool, np.asarray(meta["usage"], np.float64), int(meta["round"]),
-                        {int(n): np.asarray(p) for n, p in meta["preferences"].items()}, list(meta["history"]))  # fmt: skip
+                        {int(n): np.asarray(p) for n, p in meta["preferences"].items()}, list(meta["history"]), moments)  # fmt: skip
         except GlobalStateError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -111,3 +111,20 @@ def test_metrics_and_summary_against_a_direct_computation(tiny_bundle: Path) -> 
     assert s["rounds"] == 2 and s["initial_global_accuracy"] == 0.3 and s["final_global_accuracy"] == 0.85
     assert s["rounds_to_target"] == 2 and s["peak_rss_mb_by_tier"] == {"2": 320.0, "4": 500.0} and s["wall_seconds"] == 10.0
     assert s["upload_mb_per_client_round"] == pytest.approx((160e-6 + 110e-6) / 2) and s["method"] == "fftmoe"
+
+
+def test_paired_seeds_against_a_direct_computation() -> None:
+    from coordinator.report import paired_seeds
+
+    runs = [{"method": "fftmoe", "head": "ridge-frozen", "partition": "dirichlet", "alpha": 0.1, "seed": s, "final_global_accuracy": a}
+            for s, a in ((0, 0.88), (3, 0.86), (4, 0.90))]  # fmt: skip
+    runs += [{"method": "fedit", "head": "fedavg", "partition": "dirichlet", "alpha": 0.1, "seed": s, "final_global_accuracy": a}
+             for s, a in ((0, 0.84), (3, 0.88), (5, 0.80))]  # fmt: skip
+    out = paired_seeds(runs)
+    assert out["labels"] == ["fftmoe (ridge-frozen)", "fedit"] and out["against"] == "fftmoe (ridge-frozen)"
+    d = out["differences"]["fedit"]
+    assert d["seeds"] == 2 and d["every_seed"] == pytest.approx([-0.04, 0.02])
+    assert d["mean"] == pytest.approx(-0.01) and d["sd"] == pytest.approx(np.std([-0.04, 0.02], ddof=1))
+    assert out["means"]["fedit"]["mean"] == pytest.approx(np.mean([0.84, 0.88, 0.80])) and out["means"]["fedit"]["seeds"] == 3
+    with pytest.raises(ValueError, match="partition and alpha"):
+        paired_seeds([*runs, {**runs[0], "alpha": 0.5}])
