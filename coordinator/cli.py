@@ -29,6 +29,9 @@ HEAD_HELP = ("How the classification head is set. fedavg: the bundle's random he
              "kept fixed while the devices train their adapters against it.")
 RIDGE_HELP = "The ridge head's lambda, as a fraction of the mean eigenvalue of the features' Gram matrix (with --head ridge*)."
 RIDGE_SCALE_HELP = "The ridge head's logits are this times its least-squares outputs, which lie near 0 and 1 (with --head ridge*)."
+LOGIT_ADJUST_HELP = ("tau of the logit-adjusted local loss: each device trains on CE(z + tau log pi, y), pi its own label prior "
+                     "(add-one smoothed), and predicts with z, so a device holding one label does not learn that every row is "
+                     "that label; 0: the plain loss. 1 is the usual choice (Menon et al.).")
 SERVER_OPT_HELP = "Server optimiser on each merged expert, router row, LoRA module and the head: fedavgm (with --server-lr 1, --server-momentum 0 and --server-damping 0 the plain merge) or fedadam."
 SERVER_LR_HELP = "Server learning rate eta: the merged change is applied times this."
 SERVER_MOMENTUM_HELP = "Server momentum beta (FedAvgM), or FedAdam's first-moment decay; kept per unit in the state (survives --resume)."
@@ -105,6 +108,7 @@ def serve(
     head: str = typer.Option("fedavg", help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
+    logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
     server_momentum: float = typer.Option(0.0, help=SERVER_MOMENTUM_HELP),
@@ -157,7 +161,7 @@ def serve(
             wait_seconds=wait_seconds, round_timeout=round_timeout, max_failed_rounds=max_failed_rounds, epochs=local_epochs,
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
             max_update_norm=max_update_norm, norm_action=norm_action, max_share=max_share, keep_checkpoints=keep_checkpoints,
-            head=head, ridge=ridge, ridge_scale=ridge_scale, server_opt=server_opt, server_lr=server_lr,
+            head=head, ridge=ridge, ridge_scale=ridge_scale, logit_adjust=logit_adjust, server_opt=server_opt, server_lr=server_lr,
             server_momentum=server_momentum, server_damping=server_damping,
             resume_round=resume_round, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
@@ -249,6 +253,7 @@ def simulate(
     head: str = typer.Option("fedavg", help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
+    logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
     server_momentum: float = typer.Option(0.0, help=SERVER_MOMENTUM_HELP),
@@ -281,7 +286,7 @@ def simulate(
         run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
                "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting,
                "max_update_norm": max_update_norm, "norm_action": norm_action, "max_share": max_share,
-               "head": head, "ridge": ridge, "ridge_scale": ridge_scale, "server_opt": server_opt, "server_lr": server_lr,
+               "head": head, "ridge": ridge, "ridge_scale": ridge_scale, "logit_adjust": logit_adjust, "server_opt": server_opt, "server_lr": server_lr,
                "server_momentum": server_momentum, "server_damping": server_damping}  # fmt: skip
         settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
                                min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,

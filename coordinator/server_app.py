@@ -129,6 +129,8 @@ class RunSettings:
     """The ridge head's lambda as a fraction of the mean eigenvalue of the features' Gram matrix (--ridge)."""
     ridge_scale: float = 6.0
     """The ridge head's logits are this times its least-squares outputs (near 0 and 1) (--ridge-scale)."""
+    logit_adjust: float = 0.0
+    """tau of the devices' logit-adjusted loss CE(z + tau log pi_device, y); 0: the plain loss (--logit-adjust)."""
     server_opt: str = "fedavgm"
     """The server optimiser on the merged units (--server-opt; ``coordinator.server_opt``): fedavgm or fedadam."""
     server_lr: float = 1.0
@@ -187,6 +189,7 @@ class RunSettings:
             (self.eval_every >= 0 and self.max_failed_rounds >= 1 and self.chunk_mb >= 1, "--eval-every must be >= 0"),
             (self.norm_action in NORM_ACTIONS, f"--norm-action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}"),
             (math.isfinite(self.max_share) and 0 < self.max_share <= 1, f"--max-share must be in (0, 1] (1: no bound), got {self.max_share}"),
+            (math.isfinite(self.logit_adjust) and 0 <= self.logit_adjust <= 10, f"--logit-adjust must be in [0, 10], got {self.logit_adjust}"),
             (self.head in HEAD_MODES, f"--head must be one of {', '.join(HEAD_MODES)}, got {self.head!r}"),
             (math.isfinite(self.ridge) and self.ridge > 0 and math.isfinite(self.ridge_scale) and self.ridge_scale > 0,
              f"--ridge and --ridge-scale must be positive numbers, got {self.ridge} and {self.ridge_scale}"),
@@ -214,7 +217,8 @@ class RunSettings:
 
     def train_settings(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.lr, "max_steps": self.max_steps,
-                "seed": self.seed, "max_seq_len": self.max_seq_len, **({"freeze_head": True} if self.frozen_head else {})}  # fmt: skip
+                "seed": self.seed, "max_seq_len": self.max_seq_len, **({"freeze_head": True} if self.frozen_head else {}),
+                **({"logit_adjust": self.logit_adjust} if self.logit_adjust else {})}  # fmt: skip
 
 
 def message_to(node: int, content: Any, message_type: str, group_id: str = "") -> Any:

@@ -28,7 +28,8 @@ from typing import Any
 
 FORMAT_NAME = "fftmoe-bundle"
 FORMAT_VERSION = 2
-"""2 (2026-12-02): the training and eval models also output ``features``, the pooled representation the head reads."""
+"""2 (2026-12-02): the training and eval models also output ``features``, the pooled representation the head reads, and
+take ``logit_adjustment`` [C], added to the logits inside the cross-entropy (zeros: the plain loss)."""
 MANIFEST_NAME = "manifest.json"
 
 EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
@@ -53,10 +54,10 @@ TIER_FILE_NAMES = {
 TIER_FILES = tuple(TIER_FILE_NAMES)
 
 # Inputs of the training and eval models, in order. Text encoders take input_ids + attention_mask,
-# vision encoders take pixel_values. Every model also takes labels and the routing target q.
+# vision encoders take pixel_values. Every model also takes labels, the routing target q and the logit adjustment.
 TEXT_INPUTS = ("input_ids", "attention_mask")
 VISION_INPUTS = ("pixel_values",)
-COMMON_INPUTS = ("labels", "routing_target")
+COMMON_INPUTS = ("labels", "routing_target", "logit_adjustment")
 # Outputs of the training and eval models, in order (the first one is the loss that is differentiated).
 OUTPUTS = ("loss", "logits", "ce_loss", "aux_balance", "aux_hetero", "route_counts", "route_prob_sum", "features")
 

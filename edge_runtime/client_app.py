@@ -437,6 +437,7 @@ def _run(content: Any, node: NodeSettings, training: bool, statistics: bool = Fa
         learning_rate=float(s.get("learning_rate", 1e-3)), seed=int(s.get("seed", 0)) + ins.round, max_seq_len=max_len,
     )  # fmt: skip
     frozen = tuple(n for n in session.tier.trainable_names if n.startswith("head.")) if s.get("freeze_head") else ()
+    session.set_label_prior(train_data.labels, float(s.get("logit_adjust") or 0.0))
     result = session.train(train_data, config, frozen=frozen)
     metrics = {"train_loss": result.mean_loss, "train_seconds": result.seconds, "steps": float(result.steps),
                "received_bytes": float(received), "seconds": time.perf_counter() - started, "start_rss_mb": start_rss, **_memory(window)}  # fmt: skip

@@ -38,12 +38,13 @@ class BatchSpec:
         rng = np.random.default_rng(seed)
         labels = rng.integers(0, self.num_labels, self.batch_size, dtype=np.int64)
         target = np.full((self.num_layers, self.slots), 1.0 / self.slots, np.float32)
+        adjust = np.zeros(self.num_labels, np.float32)
         if self.modality == "text":
             ids = rng.integers(5, self.vocab_size, (self.batch_size, self.seq_len), dtype=np.int64)
             mask = np.ones((self.batch_size, self.seq_len), np.int64)
-            return [ids, mask, labels, target]
+            return [ids, mask, labels, target, adjust]
         pixels = rng.standard_normal((self.batch_size, 3, self.image_size, self.image_size)).astype(np.float32)
-        return [pixels, labels, target]
+        return [pixels, labels, target, adjust]
 
 
 def peak_rss_mb() -> float:

@@ -124,6 +124,8 @@ class TierSession:
         self.width = manifest.route_width(slots)  # routing target and statistics: [L, width]
         self.assignment = [list(range(self.width)) for _ in range(manifest.num_layers)]
         self.routing_target = np.full((manifest.num_layers, self.width), 1.0 / self.width, np.float32)
+        self.logit_adjustment = np.zeros(len(manifest.labels), np.float32)
+        """Added to the logits in the training loss only (``set_label_prior``); zeros: the plain cross-entropy."""
 
     # -- setup -------------------------------------------------------------------------------------------------
 
@@ -165,8 +167,20 @@ class TierSession:
 
     # -- train / evaluate --------------------------------------------------------------------------------------
 
-    def inputs(self, batch: tuple[np.ndarray, ...]) -> list[np.ndarray]:
-        return [*batch, self.routing_target]
+    def set_label_prior(self, labels: np.ndarray, tau: float) -> np.ndarray:
+        """Train with the logit-adjusted loss CE(z + tau log pi, y) (Menon et al.), ``pi`` this device's label
+        prior from its training ``labels`` with add-one smoothing; tau 0: the plain loss. Returns the adjustment."""
+        c = len(self.manifest.labels)
+        counts = np.bincount(np.asarray(labels, np.int64), minlength=c)[:c].astype(np.float64)
+        prior = (counts + 1.0) / (counts.sum() + c)
+        self.logit_adjustment = (tau * np.log(prior)).astype(np.float32) if tau else np.zeros(c, np.float32)
+        return self.logit_adjustment
+
+    def inputs(self, batch: tuple[np.ndarray, ...], training: bool = False) -> list[np.ndarray]:
+        """The graph's inputs for a batch; the logit adjustment only when ``training`` (evaluation reads plain logits
+        and the plain cross-entropy)."""
+        adjust = self.logit_adjustment if training else np.zeros_like(self.logit_adjustment)
+        return [*batch, self.routing_target, adjust]
 
     def train(
         self,
@@ -197,7 +211,7 @@ class TierSession:
                 if should_stop and should_stop():
                     stopped = interrupted = True
                     break
-                outputs = self.backend.train_step(self.inputs(batch))
+                outputs = self.backend.train_step(self.inputs(batch, training=True))
                 for name, value in kept.items():
                     self.backend.set(name, value)
                 loss = float(outputs[OUT["loss"]])

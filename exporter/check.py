@@ -69,7 +69,9 @@ def gradient_check(
     values = randomize_trainable(model, seed)
     inputs = example_inputs(model, batch, min(seq_len, manifest.max_seq_len), manifest.model.image_size, seed=seed)
     target = torch.rand(model.num_layers, model.route_width, generator=torch.Generator().manual_seed(seed + 1)) + 0.1
-    inputs = (*inputs[:-1], target / target.sum(dim=1, keepdim=True))  # a non-uniform q exercises L_het fully
+    adjust = torch.log(torch.rand(model.head.out_features, generator=torch.Generator().manual_seed(seed + 2)) + 0.05)
+    # a non-uniform q exercises L_het fully, a non-zero logit adjustment the adjusted cross-entropy
+    inputs = (*inputs[:-2], target / target.sum(dim=1, keepdim=True), adjust)
 
     session = OrtTierSession(tier_files(bundle_dir, manifest, slots), with_optimizer=False)
     for name, value in values.items():

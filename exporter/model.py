@@ -166,7 +166,7 @@ class AdaptedEncoder(nn.Module):
     """What every method shares: a frozen encoder with adapters injected, pooling, and a classification head.
 
     ``forward`` takes the training-graph inputs in bundle order (``input_ids, attention_mask`` or
-    ``pixel_values``, then ``labels`` [B] and ``routing_target`` [L, w]) and returns the outputs in
+    ``pixel_values``, then ``labels`` [B], ``routing_target`` [L, w] and ``logit_adjustment`` [C]) and returns the outputs in
     ``edge_runtime.bundle.OUTPUTS`` order: loss, logits, ce_loss, aux_balance, aux_hetero, route_counts [L, w],
     route_prob_sum [L, w], features [B, d] (the pooled representation the head reads: what a device sums into the
     statistics of the closed-form head, ``docs/algorithm.md``). ``w`` is ``route_width``: the slots of an MoE tier, 1 for a LoRA adapter (one "slot"
@@ -188,6 +188,10 @@ class AdaptedEncoder(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(encoder_blocks(self.encoder, self.arch))
+
+    @property
+    def model_input_names(self) -> tuple[str, ...]:
+        return ("input_ids", "attention_mask") if self.arch.modality == "text" else ("pixel_values",)
 
     def logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model inputs -> (logits [B, num_labels], token_mask [B, S])."""
@@ -220,10 +224,17 @@ class AdaptedEncoder(nn.Module):
         return 0.0, 0.0
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        *model_inputs, labels, routing_target = inputs
+        """The training graph: ``logit_adjustment`` [C] (the last input; zeros when left out) is added to the logits
+        inside the cross-entropy only (logit-adjusted loss, ``docs/algorithm.md``); the ``logits`` output is not
+        adjusted."""
+        if len(inputs) == len(self.model_input_names) + 3:
+            *model_inputs, labels, routing_target, logit_adjustment = inputs
+        else:
+            *model_inputs, labels, routing_target = inputs
+            logit_adjustment = torch.zeros(self.head.out_features)
         pooled, token_mask = self.features(*model_inputs)
         logits = self.head(pooled)
-        ce = nn.functional.cross_entropy(logits, labels)
+        ce = nn.functional.cross_entropy(logits + logit_adjustment, labels)
         balances, heteros, counts, prob_sums = [], [], [], []
         for i, (probs, selected) in enumerate(self.routing(token_mask)):
             bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], self.top_k)

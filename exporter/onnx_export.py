@@ -36,23 +36,25 @@ def example_inputs(model: AdaptedEncoder, batch: int, seq_len: int, image_size: 
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, model.head.out_features, (batch,), generator=g)
     target = torch.full((model.num_layers, model.route_width), 1.0 / model.route_width)
+    adjust = torch.zeros(model.head.out_features)
     if model.arch.modality == "text":
         vocab = model.encoder.config.vocab_size
         ids = torch.randint(5, vocab, (batch, seq_len), generator=g)
         mask = torch.ones(batch, seq_len, dtype=torch.int64)
         if seq_len > 2:
             mask[0, seq_len // 2 :] = 0  # one padded row, so masking is part of every check
-        return ids, mask, labels, target
+        return ids, mask, labels, target, adjust
     if image_size is None:
         raise ValueError("a vision model needs image_size for its example batch")
     pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
-    return pixels, labels, target
+    return pixels, labels, target, adjust
 
 
 def input_names(model: AdaptedEncoder) -> list[str]:
     return (["input_ids", "attention_mask"] if model.arch.modality == "text" else ["pixel_values"]) + [
         "labels",
         "routing_target",
+        "logit_adjustment",
     ]
 
 
@@ -162,7 +164,7 @@ class _InferenceGraph(torch.nn.Module):
 def export_inference_model(model: AdaptedEncoder, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
     """Export ``logits = f(inputs)`` in eval mode (constant folding on: nothing trains from this graph)."""
     model.eval()
-    names = input_names(model)[:-2]
+    names = list(model.model_input_names)
     axes = {k: v for k, v in _dynamic_axes(model).items() if k in names or k == "logits"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

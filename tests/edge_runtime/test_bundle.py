@@ -41,7 +41,7 @@ def test_manifest_round_trips(tiny_bundle: Path) -> None:
     assert manifest.format_version == FORMAT_VERSION
     assert sorted(manifest.tiers) == [1, 2, 4]
     assert manifest.tier(1).router_params == []  # a one-slot tier has no router to train
-    assert manifest.input_names == ("input_ids", "attention_mask", "labels", "routing_target")
+    assert manifest.input_names == ("input_ids", "attention_mask", "labels", "routing_target", "logit_adjustment")
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def test_stop_saves_state_and_resume_finishes(tiny_bundle: Path, tmp_path: Path)
     ids, mask, labels = held.batch(np.arange(9))
     feed = {i.name: {"input_ids": ids, "attention_mask": mask}[i.name] for i in model.get_inputs()}
     (logits,) = model.run(["logits"], feed)
-    expected = resumed.backend.evaluate([ids, mask, labels, resumed.routing_target])[1]
+    expected = resumed.backend.evaluate(resumed.inputs((ids, mask, labels)))[1]
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
     assert {"config.json", "tokenizer.json"} <= {p.name for p in (out / "model").iterdir()}
 

@@ -66,7 +66,8 @@ def leak_gradient(tier: Path, name: str, location: str) -> int:
 def one_batch(bundle: Path) -> list[np.ndarray]:
     m = load_manifest(bundle)
     ids = np.array([[2, 7, 8, 9, 3, 0, 0, 0], [2, 10, 11, 3, 0, 0, 0, 0]], np.int64)
-    return [ids, (ids > 0).astype(np.int64), np.array([1, 0], np.int64), np.full((m.num_layers, 2), 0.5, np.float32)]
+    return [ids, (ids > 0).astype(np.int64), np.array([1, 0], np.int64), np.full((m.num_layers, 2), 0.5, np.float32),
+            np.zeros(len(m.labels), np.float32)]
 
 
 def make_model(nodes: list, initializers: list | None = None, sparse: list | None = None, functions: list | None = None,

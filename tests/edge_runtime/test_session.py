@@ -59,7 +59,7 @@ def test_evaluate_reports_accuracy_and_loss(tiny_bundle: Path) -> None:
     data = tiny_data(20)
     metrics = session.evaluate(data, batch_size=7)
     ids, mask, labels = data.batch(np.arange(20))
-    logits = session.backend.evaluate([ids, mask, labels, session.routing_target])[OUT["logits"]]
+    logits = session.backend.evaluate(session.inputs((ids, mask, labels)))[OUT["logits"]]
     assert metrics["examples"] == 20
     assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).mean()))
     assert metrics["loss"] > 0
@@ -93,7 +93,7 @@ def test_backends_agree_on_loss_and_first_step(tiny_bundle: Path, slots: int) ->
     ort_session.set_values(values)
     torch_session.set_values(values)
     batch = list(tiny_data(8).batch(np.arange(8)))
-    inputs = [*batch, ort_session.routing_target]
+    inputs = ort_session.inputs(batch)
     a, b = ort_session.backend.loss_only(inputs), torch_session.backend.loss_only(inputs)
     for name in ("loss", "ce_loss", "aux_balance", "aux_hetero", "route_counts"):
         np.testing.assert_allclose(a[OUT[name]], b[OUT[name]], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -165,3 +165,20 @@ def test_a_frozen_head_stays_while_the_slots_train(tiny_bundle: Path) -> None:
     after = session.values()
     for n in session.tier.trainable_names:
         assert np.array_equal(before[n], after[n]) == (n in head), n
+
+
+def test_the_label_prior_adjusts_training_only(tiny_bundle: Path) -> None:
+    """tau log pi with add-one smoothing enters the training loss (the ORT loss equals CE(z + adj, y) computed here
+    from the plain logits) and never the evaluation."""
+    session, _ = open_session(tiny_bundle)
+    labels = np.array([0, 0, 0, 1])
+    adj = session.set_label_prior(labels, 1.0)
+    np.testing.assert_allclose(adj, np.log(np.array([4.0, 2.0, 1.0]) / 7.0), rtol=1e-6)
+    batch = next(tiny_data(8).batches(8))
+    plain = session.backend.evaluate(session.inputs(batch))
+    z = plain[OUT["logits"]].astype(np.float64) + adj
+    want = float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(8), batch[-1]]))
+    trained = session.backend.loss_only(session.inputs(batch, training=True))
+    assert float(trained[OUT["ce_loss"]]) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_array_equal(session.backend.evaluate(session.inputs(batch))[OUT["logits"]], plain[OUT["logits"]])
+    assert not session.set_label_prior(labels, 0.0).any()

@@ -111,7 +111,7 @@ def test_vision_bundle_trains_like_pytorch(tiny_vit_dir: Path, tmp_path: Path) -
     export_bundle(ExportOptions(out=out, tiers=[2], adapter=MoEAdapterConfig(num_experts=2, expert_dim=4), model=str(tiny_vit_dir),
                                 num_labels=3, measure=True, measure_steps=1, measure_batch=2))  # fmt: skip
     manifest = load_manifest(out)
-    assert manifest.input_names == ("pixel_values", "labels", "routing_target") and manifest.model.image_size == 16
+    assert manifest.input_names == ("pixel_values", "labels", "routing_target", "logit_adjustment") and manifest.model.image_size == 16
     assert manifest.tier(2).measured is not None
     report = gradient_check(out, 2)
     assert report.worst_error <= GRAD_RTOL, f"{report.worst_name}: {report.worst_error:.2e}"
