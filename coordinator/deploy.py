@@ -102,6 +102,13 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
     raise DeployError(f"{what} did not open {host}:{port} within {timeout:.0f} s")
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something accepts connections on ``host:port`` (another coordinator, or one still shutting down)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host if host not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0
+
+
 def _popen(cmd: Sequence[str], env: dict[str, str], log_path: Path | None) -> subprocess.Popen:
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -262,6 +269,8 @@ def run_federation(
             for i, key in enumerate(authorized_keys):  # before the public port opens: no device is refused for being early
                 register_supernode(flwr / "cli", Path(key).resolve(), Path(key).stem or f"node{i}")
             if not simulation:
+                if port_in_use(host, port):  # else the check below would find the other process's port open
+                    raise DeployError(f"{host}:{port} is already in use (another coordinator?): stop it or choose another --port")
                 scheme = "https" if inner is not None else "http"
                 gate = start_gate(host, port, f"{scheme}://{LOOPBACK}:{link_port}", inner.ca_cert if inner else None, tls, state_dir / GATE_LOG)
                 wait_for_port(host, port, 60, gate, what="Fleet gate")

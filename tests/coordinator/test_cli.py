@@ -77,6 +77,15 @@ def test_serve_refuses_bad_combinations_before_starting_anything(tiny_bundle: Pa
         assert refused.exit_code == 2 and flag in refused.output, (flag, refused.output)
     early = runner.invoke(app, [*base, "--insecure", "--resume-round", "2"])
     assert early.exit_code == 2 and "--resume-round needs --resume" in early.output
+    import socket
+
+    with socket.socket() as busy:  # a port another process listens on: refused by name, nothing started or written
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = runner.invoke(app, [*base, "--insecure", "--port", str(port)])
+    assert taken.exit_code == 2 and f"127.0.0.1:{port} is already in use" in taken.output, taken.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_checkpoints_lists_the_kept_rounds_and_serve_can_go_back_to_one(tiny_bundle: Path, tmp_path: Path) -> None:

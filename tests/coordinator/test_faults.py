@@ -42,9 +42,16 @@ def join(port: int, data: Path, tier: int, cache: Path, fault: str = "") -> subp
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and all its descendants at once (a device or host losing power)."""
+def kill_tree(proc: subprocess.Popen, port: int | None = None) -> None:
+    """SIGKILL a process and all its descendants at once (a device or host losing power); with ``port``, wait until
+    the killed coordinator's public port is free again, as a restarted host's would be."""
+    from coordinator.deploy import port_in_use
+
     stop(proc, graceful=False)
+    deadline = time.monotonic() + 60
+    while port is not None and port_in_use("127.0.0.1", port):
+        assert time.monotonic() < deadline, f"port {port} still open 60 s after the coordinator was killed"
+        time.sleep(0.2)
 
 
 # Points of a round at which the coordinator's ServerApp is killed, and the rounds its state must then hold: the
@@ -63,7 +70,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
     nodes = [join(port, write_tiny_csv(tmp_path / f"d{i}.csv", 24, seed=i), tier, tmp_path / f"cache{i}") for i, tier in enumerate((1, 2))]
     try:
         code, result, err = finish_serve(serve(tiny_bundle, state_dir, port, 1, resume=False), 900)
-        assert code == 0 and result["rounds_done"] == 1, err[-4000:]
+        assert code == 0 and result["rounds_done"] == 1, (result, err[-4000:], (state_dir / "run.log").read_text(errors="replace")[-4000:])
         done = 1
         # a device's cached artifact damaged while the coordinator is down: found at the next hello and sent again
         entry = next(iter(manifest.tier(1).files.values()))
@@ -80,7 +87,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
             while f"SIGKILL at {point}" not in (fault_log.read_text() if fault_log.exists() else "") and proc.poll() is None:
                 assert time.monotonic() < deadline, f"{point} not reached in 900 s"
                 time.sleep(0.2)
-            kill_tree(proc)
+            kill_tree(proc, port)
             assert f"SIGKILL at {point}" in fault_log.read_text(), (point, proc.stdout.read()[-2000:], proc.stderr.read()[-3000:])  # type: ignore[union-attr]
             state = GlobalState.load(state_dir, mid)  # loads, hashes verified: nothing half-written
             assert state.round == done + kept, (point, state.round, done)
@@ -94,7 +101,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
                 assert "lacks 1 file(s)" in (state_dir / "run.log").read_text(errors="replace")
             done = state.round
         code, result, err = finish_serve(serve(tiny_bundle, state_dir, port, done + 1, resume=True), 900)
-        assert code == 0 and result["ok"] and result["rounds_done"] == done + 1, err[-4000:]
+        assert code == 0 and result["ok"] and result["rounds_done"] == done + 1, (result, err[-4000:], (state_dir / "run.log").read_text(errors="replace")[-4000:])
     finally:
         for p in nodes:
             stop(p, timeout=5)
