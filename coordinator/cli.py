@@ -108,6 +108,7 @@ def serve(
     head: str = typer.Option("fedavg", help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
+    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help="After the last round, solve the head again in closed form on the adapted features, from the devices whose tier computes the global model's features (FFT-MoE: a tier holding all M experts). Running a finished simulation again with it re-solves without retraining."),
     logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
@@ -161,7 +162,7 @@ def serve(
             wait_seconds=wait_seconds, round_timeout=round_timeout, max_failed_rounds=max_failed_rounds, epochs=local_epochs,
             max_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed, max_seq_len=max_seq_len, weighting=weighting,
             max_update_norm=max_update_norm, norm_action=norm_action, max_share=max_share, keep_checkpoints=keep_checkpoints,
-            head=head, ridge=ridge, ridge_scale=ridge_scale, logit_adjust=logit_adjust, server_opt=server_opt, server_lr=server_lr,
+            head=head, ridge=ridge, ridge_scale=ridge_scale, ridge_resolve=ridge_resolve, logit_adjust=logit_adjust, server_opt=server_opt, server_lr=server_lr,
             server_momentum=server_momentum, server_damping=server_damping,
             resume_round=resume_round, eval_every=eval_every, eval_data=str(eval_data.resolve()) if eval_data else "", eval_text_columns=",".join(eval_text_column),
             eval_label_column=eval_label_column, eval_label_map=eval_label_map or "", resume=resume, serve_artifacts=serve_artifacts,
@@ -183,6 +184,8 @@ def serve(
     elif (state_dir / LATEST).exists():
         _fail(f"{state_dir} already holds a global state: continue it with --resume, or choose another --state-dir", EXIT_BAD_ARGS, json_out)
 
+    if deploy.port_in_use(host, port):
+        _fail(f"{host}:{port} is already in use (another coordinator?): stop it or choose another --port", EXIT_BAD_ARGS, json_out)
     state_dir.mkdir(parents=True, exist_ok=True)
     err = _err()
 
@@ -253,6 +256,7 @@ def simulate(
     head: str = typer.Option("fedavg", help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
+    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help="After the last round, solve the head again in closed form on the adapted features, from the devices whose tier computes the global model's features (FFT-MoE: a tier holding all M experts). Running a finished simulation again with it re-solves without retraining."),
     logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
@@ -260,6 +264,7 @@ def simulate(
     server_damping: float = typer.Option(0.0, help=SERVER_DAMPING_HELP),
     seed: int = typer.Option(0, help="Seed of the hold-out, partition, fleet order, sampling and data order."),
     parallel: int = typer.Option(0, help="Clients training at once (0: this machine's cores); each uses one thread."),
+    keep_models: bool = typer.Option(False, "--keep-models", help="Each client writes its personalised model (ONNX, loads with optimum) to OUT/models/CLIENT after each evaluation; about 90 MB per client for MiniLM."),
     verbose: bool = typer.Option(False, "--verbose", help="Echo the whole run log (it is always in OUT/run.log)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -286,17 +291,19 @@ def simulate(
         run = {"rounds": rounds, "fraction": fraction, "min_clients": min_clients, "epochs": local_epochs, "max_steps": local_steps,
                "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "eval_every": eval_every, "weighting": weighting,
                "max_update_norm": max_update_norm, "norm_action": norm_action, "max_share": max_share,
-               "head": head, "ridge": ridge, "ridge_scale": ridge_scale, "logit_adjust": logit_adjust, "server_opt": server_opt, "server_lr": server_lr,
+               "head": head, "ridge": ridge, "ridge_scale": ridge_scale, "ridge_resolve": ridge_resolve, "logit_adjust": logit_adjust, "server_opt": server_opt, "server_lr": server_lr,
                "server_momentum": server_momentum, "server_damping": server_damping}  # fmt: skip
         settings = SimSettings(bundle=bundle, data=data, out=out, clients=clients, fleet=fleet, partition=partition, alpha=alpha,
                                min_partition_size=min_partition_size, test_fraction=test_fraction, global_test_fraction=global_test_fraction,
                                text_columns=tuple(text_column), label_column=label_column, label_map=label_map or "", seed=seed,
-                               parallel=parallel, run=run)  # fmt: skip
+                               parallel=parallel, keep_models=keep_models, run=run)  # fmt: skip
         if not json_out:
             err.print(f"preparing {clients} clients in {out} ...", highlight=False)
         plan = prepare(settings)
         resume = (out / "state" / LATEST).exists()
-        done = GlobalState.load(out / "state", manifest_id(manifest)).round if resume else 0
+        saved = GlobalState.load(out / "state", manifest_id(manifest)) if resume else None
+        done = saved.round if saved else 0
+        resolve_pending = ridge_resolve and not (saved and any(h.get("ridge_head", {}).get("resolve") for h in saved.history))
         rs = run_settings(settings, plan, resume)
     except BundleError as exc:
         _fail(str(exc), EXIT_INVALID, json_out, "manifest")
@@ -311,7 +318,7 @@ def simulate(
         err.print(f"{len(plan['nodes'])} clients of fleet {plan['fleet']['name']}, tiers {dict(sorted(tiers.items()))}; "
                   f"{plan['rows']} rows from {plan['source']} ({plan['global_test_rows']} held out for the global test)"
                   + (f"; continuing after round {done}" if done else ""), highlight=False)  # fmt: skip
-    if done < rounds:
+    if done < rounds or resolve_pending:
         import re
 
         pattern = re.compile(r"round (\d+)/(\d+): ")
@@ -390,6 +397,7 @@ SUMMARY_COLUMNS = [
     ("final_global_accuracy", "global acc", lambda v: "-" if v is None else f"{v:.3f}"),
     ("last_two_global_delta", "last-two delta", lambda v: "-" if v is None else f"{v:.3f}"),
     ("final_personal_accuracy", "personal acc", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("final_personal_global_accuracy", "personal on global test", lambda v: "-" if v is None else f"{v:.3f}"),
     ("rounds_to_target", "rounds to 80%", lambda v: "-" if v is None else str(v)),
     ("upload_mb_per_client_round", "up MB/client-round", lambda v: "-" if v is None else f"{v:.3f}"),
     ("peak_rss_mb_by_tier", "peak RSS MB by tier", lambda v: ", ".join(f"t{k}: {x:.0f}" for k, x in sorted(v.items(), key=lambda kv: int(kv[0]))) if v else "-"),

@@ -58,6 +58,10 @@ def metrics_rows(history: list[dict[str, Any]], tiers: dict[str, int] | None = N
     for h in history:
         if "ridge_head" in h and "central" not in h:
             continue  # the closed-form head's record: in the summary (``head_statistics``), not a round
+        if "ridge_head" in h and rows and rows[-1]["round"] == h["round"]:  # the head re-solved after the last round
+            rows[-1]["global_accuracy_before_resolve"] = rows[-1].get("global_accuracy")
+            rows[-1]["global_accuracy"], rows[-1]["global_loss"] = h["central"]["accuracy"], h["central"]["loss"]
+            continue
         row: dict[str, Any] = {"round": int(h["round"])}
         if "central" in h:
             row["global_accuracy"], row["global_loss"] = h["central"]["accuracy"], h["central"]["loss"]
@@ -87,6 +91,8 @@ def metrics_rows(history: list[dict[str, Any]], tiers: dict[str, int] | None = N
         })  # fmt: skip
         if "federated" in h:
             row["personal_accuracy"], row["personal_loss"] = h["federated"]["accuracy"], h["federated"]["loss"]
+            if "personal_global_accuracy" in h["federated"]:
+                row["personal_global_accuracy"] = h["federated"]["personal_global_accuracy"]
             per = h["federated"].get("per_node", {})
             if per:
                 row["personal_accuracy_by_client"] = {client.get(n, _client(names.get(n, ""), n)): v["accuracy"] for n, v in per.items()}
@@ -96,13 +102,18 @@ def metrics_rows(history: list[dict[str, Any]], tiers: dict[str, int] | None = N
 
 def head_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     """How the run set its head: the mode, and for a closed-form head what its statistics round used and cost."""
-    info = next((h["ridge_head"] for h in history if "ridge_head" in h), None)
-    if info is None:
+    info = next((h["ridge_head"] for h in history if "ridge_head" in h and not h["ridge_head"].get("resolve")), None)
+    resolved = next((h for h in history if h.get("ridge_head", {}).get("resolve")), None)
+    if info is None and resolved is None:
         return {"head": "fedavg"}
+    if info is None:
+        info = {"mode": "fedavg"}
     received = info.get("received_bytes", {})
     return {"head": info["mode"], "head_statistics": {"nodes": len(info.get("nodes", [])), "rejected": len(info.get("rejected", {})),
             "examples": info.get("examples"), "ridge": info.get("ridge"), "scale": info.get("scale"),
-            "upload_mb_per_client": float(np.mean(list(received.values()))) / 1e6 if received else None}}  # fmt: skip
+            "upload_mb_per_client": float(np.mean(list(received.values()))) / 1e6 if received else None},
+            "head_resolved": None if resolved is None else {"nodes": len(resolved["ridge_head"].get("nodes", [])),
+                                                            "global_accuracy": resolved.get("central", {}).get("accuracy")}}  # fmt: skip
 
 
 def summarize(rows: list[dict[str, Any]], plan: dict[str, Any] | None, manifest: Any, target: float = TARGET_ACCURACY,
@@ -128,7 +139,7 @@ def summarize(rows: list[dict[str, Any]], plan: dict[str, Any] | None, manifest:
         "initial_global_accuracy": glob[0][1] if glob and glob[0][0] == 0 else None,
         "final_global_accuracy": glob[-1][1] if glob else None, "best_global_accuracy": max((a for _, a in glob), default=None),
         "last_two_global_delta": abs(glob[-1][1] - glob[-2][1]) if len(glob) >= 2 and glob[-2][0] > 0 else None,
-        "final_personal_accuracy": pers[-1][1] if pers else None, "target_accuracy": target, "rounds_to_target": reach,
+        "final_personal_accuracy": pers[-1][1] if pers else None, "final_personal_global_accuracy": next((r["personal_global_accuracy"] for r in reversed(rows) if "personal_global_accuracy" in r), None), "target_accuracy": target, "rounds_to_target": reach,
         "upload_mb_per_client_round": float(np.mean([r["upload_mb_per_client"] for r in trained])) if trained else None,
         "download_mb_per_client_round": float(np.mean([r["download_mb_per_client"] for r in trained])) if trained else None,
         "total_upload_mb": trained[-1]["cumulative_upload_mb"] if trained else 0.0, "peak_rss_mb_by_tier": peak,

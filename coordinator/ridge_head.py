@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,15 @@ class Combined:
     examples: int
     shares: dict[int, float] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+
+
+def global_view_tiers(manifest: Any) -> set[int]:
+    """The tiers whose eval model computes the global model's own features once adapters have trained: an FFT-MoE
+    tier holding all M experts (top-k over the same router rows is permutation-invariant), every FedIT tier (one
+    rank), HetLoRA's largest rank. Empty when no tier does (an FFT-MoE bundle without a tier M)."""
+    if manifest.is_lora:
+        return set(manifest.tiers) if manifest.method == "fedit" else {max(manifest.tiers)}
+    return {t for t in manifest.tiers if t == manifest.num_experts}
 
 
 def screen_statistics(stats: dict[int, HeadStatistics], limit: float = SCALE_LIMIT) -> dict[int, str]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from coordinator.merge import WEIGHTINGS
 from coordinator.plan import sample_nodes
-from coordinator.ridge_head import HEAD_MODES, combine_statistics, head_values, ridge_lambda, screen_statistics, solve_head
+from coordinator.ridge_head import HEAD_MODES, combine_statistics, global_view_tiers, head_values, ridge_lambda, screen_statistics, solve_head
 from coordinator.rounds import (
     NORM_ACTIONS,
     NormBound,
@@ -59,6 +59,7 @@ from edge_runtime.records import (
     artifacts_to_record,
     device_info_from_hello_reply,
     evaluation_from_record,
+    metrics_from_record,
     hello_to_record,
     instruction_to_record,
     printable,
@@ -129,6 +130,9 @@ class RunSettings:
     """The ridge head's lambda as a fraction of the mean eigenvalue of the features' Gram matrix (--ridge)."""
     ridge_scale: float = 6.0
     """The ridge head's logits are this times its least-squares outputs (near 0 and 1) (--ridge-scale)."""
+    ridge_resolve: bool = False
+    """After the last round, solve the head again on the adapted features, from the nodes whose tier computes the
+    global model's features (``ridge_head.global_view_tiers``) (--ridge-resolve)."""
     logit_adjust: float = 0.0
     """tau of the devices' logit-adjusted loss CE(z + tau log pi_device, y); 0: the plain loss (--logit-adjust)."""
     server_opt: str = "fedavgm"
@@ -454,6 +458,8 @@ class FFTMoEStrategy:
         plan = plan_round(state, self.manifest, tiers, self.settings.train_settings())
         for ins in plan.values():
             ins.round = state.round
+            if state.round >= self.settings.rounds:  # the last: devices that hold global test rows score on them too
+                ins.train = {**ins.train, "global_eval": True}
         return {n: message_to(n, instruction_to_record(ins), "evaluate", f"eval-{state.round}") for n, ins in plan.items()}
 
     def configure_statistics(self, state: GlobalState, tiers: dict[int, int]) -> dict[int, Any]:
@@ -498,16 +504,28 @@ class FFTMoEStrategy:
         pool = {**state.pool, **head_values(weight, bias)}
         return GlobalState(state.manifest_id, pool, state.usage, state.round, state.preferences, [*state.history, record], state.moments), record
 
-    def solve_ridge_head(self, grid: Any, state: GlobalState) -> GlobalState:
-        """Before round 1: ask every connected node for its statistics, solve and commit the head (once: a resumed
-        run that already holds it goes on)."""
+    def solve_ridge_head(self, grid: Any, state: GlobalState, final: bool = False) -> GlobalState:
+        """Before round 1 (or with ``final`` after the last): ask every connected node (``final``: those whose tier
+        computes the global model's features) for its statistics, solve and commit the head, once."""
         nodes = self.wait_for_nodes(grid)
         tiers = self.learn_devices(grid, nodes)
+        if final:
+            view = global_view_tiers(self.manifest)
+            exact = {n: t for n, t in tiers.items() if t in view}
+            if not exact:
+                log.warning("no connected node's tier computes the global model's features (tiers %s); the head is re-solved from all", view)
+            tiers = exact or tiers
         replies = self.exchange(grid, self.configure_statistics(state, tiers), self.settings.round_timeout, "head statistics")
         new, record = self.aggregate_statistics(state, replies)
         if new is None:
             raise RoundFailure(f"no node sent valid head statistics (--head {self.settings.head}): {record['ridge_head']['rejected']}")
         info = record["ridge_head"]
+        if final:
+            info["resolve"] = True
+            central = self.evaluate_central(new)
+            if central is not None:
+                record["central"] = central
+                log.info("round %d (re-solved head): central accuracy %.4f, loss %.4f", new.round, central["accuracy"], central["loss"])
         log.info("ridge head solved from %d node(s), %d example(s), labels %s (lambda %.4g)", len(info["nodes"]), info["examples"],
                  info["label_counts"], info["ridge_lambda"])  # fmt: skip
         new.save(self.state_dir, self.settings.keep_checkpoints)
@@ -517,7 +535,7 @@ class FFTMoEStrategy:
         """Example-weighted accuracy and loss over the nodes that evaluated; None when none did. A reply that fails
         its checks (``evaluation_from_record``: counts above the node's hello figure, accuracy outside [0, 1], a
         missing field) is left out and named in the log and in ``rejected``."""
-        results, rejected = [], {}
+        results, rejected, global_scores = [], {}, {}
         for node, reply in replies.items():
             if isinstance(reply, str):
                 log.warning("evaluation on node %s failed: %s", node, reply)
@@ -529,8 +547,13 @@ class FFTMoEStrategy:
                 rejected[str(node)] = printable(exc) if isinstance(exc, MessageError) else f"unreadable ({type(exc).__name__}: {printable(exc)})"
                 log.warning("evaluation of node %s rejected: %s", node, rejected[str(node)])
                 continue
-            if r == round_ and evaluation.examples > 0:
+            if r != round_:
+                continue
+            if evaluation.examples > 0:
                 results.append((node, evaluation))
+            extra = metrics_from_record(reply.content)[0].get("global_accuracy")  # self-reported, as its own accuracy is
+            if extra is not None and 0.0 <= extra <= 1.0:
+                global_scores[str(node)] = extra
         if not results:
             return {"rejected": rejected} if rejected else None
         n = sum(e.examples for _, e in results)
@@ -539,6 +562,9 @@ class FFTMoEStrategy:
             "examples": n, "nodes": float(len(results)),
             "per_node": {str(node): {"accuracy": e.accuracy, "loss": e.loss, "examples": float(e.examples)} for node, e in results},
         }  # fmt: skip
+        if global_scores:  # each node's personalised model on the same global test rows: a plain mean over nodes
+            out["personal_global_accuracy"] = float(np.mean(list(global_scores.values())))
+            out["personal_global_by_node"] = global_scores
         if rejected:
             out["rejected"] = rejected
         return out
@@ -622,6 +648,9 @@ class FFTMoEStrategy:
             self.write_progress(state)
             reach("round.done")
             log.info("%s", round_line(entry, s.rounds, len(sent)))
+        if s.ridge_resolve and state.round >= s.rounds and not any(h.get("ridge_head", {}).get("resolve") for h in state.history):
+            state = self.solve_ridge_head(grid, state, final=True)
+            self.write_progress(state)
         log.info("done: %d round(s); global state in %s", state.round, self.state_dir)
         return state
 

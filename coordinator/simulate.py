@@ -74,6 +74,8 @@ class SimSettings:
     """Seed of the hold-out, the partition, the fleet order, the sampling and the local data order (--seed)."""
     parallel: int = 0
     """Virtual devices training at once (Ray CPUs); 0: the machine's cores (--parallel)."""
+    keep_models: bool = False
+    """Each client writes its personalised model to OUT/models/CLIENT after each evaluation (--keep-models)."""
     run: dict[str, Any] = field(default_factory=dict)
     """Federation settings passed to the ServerApp (rounds, fraction, epochs, ...: see ``RunSettings``)."""
 
@@ -224,6 +226,8 @@ def prepare(settings: SimSettings) -> dict[str, Any]:
             "eval-fraction": 0.0, "bundle": str(Path(settings.bundle).resolve()), "cache-dir": str((settings.out / "cache").resolve()),
             "tier": tier, "batch-size": tier_batch, "backend": "auto", "threads": 1, "seed": settings.seed, "device": member.profile.name,
             "name": f"{name} {member.profile.name}", "text-columns": "text", "label-column": "label",
+            "global-eval-data": str((data_dir / "global-test.csv").resolve()) if len(global_test) else "",
+            "keep-model": str((settings.out / "models" / name).resolve()) if settings.keep_models else "",
         }  # fmt: skip
         nodes.append({"partition": k, "name": name, "profile": member.profile.name, "tier": tier, "tier_reason": reason,
                       "train_rows": int(len(train)), "test_rows": int(len(test)),

@@ -483,6 +483,7 @@ def join(
     home: Optional[Path] = typer.Option(None, help="Flower's working folder for this node (default: CACHE_DIR/supernode-PORT)."),
     retry_seconds: float = typer.Option(120.0, help="Keep retrying this long when the coordinator refuses or cannot be reached yet."),
     name: str = typer.Option("", help="A name for this device in the coordinator's log and history.json (default: none; the coordinator shows node ids)."),
+    keep_model: Optional[Path] = typer.Option(None, help="Write this device's personalised model here after each federated evaluation (the last one stays): its experts, router rows and head as an ONNX inference model that optimum loads, with evaluation.json."),
     json_out: bool = typer.Option(False, "--json", help="Print the device's choice as JSON before the SuperNode starts."),
 ) -> None:
     """Join a federation: profile this device, pick its tier, and run a Flower SuperNode with fftmoe's client app.
@@ -535,6 +536,7 @@ def join(
         data=data.resolve(), cache_dir=cache_dir.resolve(), bundle=bundle.resolve() if bundle else None, text_columns=tuple(text_column),
         label_column=label_column, label_map=label_map or "", skip_bad_rows=skip_bad_rows, eval_fraction=eval_fraction, tier=tier_n,
         batch_size=batch_size, max_memory=max_memory, device=device or "", backend=backend, threads=threads, seed=seed, name=name,
+        keep_model=keep_model.resolve() if keep_model else None,
     )  # fmt: skip
     port = local_port or free_port()
     home = home or cache_dir / f"supernode-{port}"

@@ -81,7 +81,13 @@ class NodeSettings:
     eval_data: Path | None = None
     """A separate held-out data file for federated evaluation; when set, all of ``data`` is trained on."""
     name: str = ""
-    """How the device names itself in the coordinator's log and history (a simulation: ``client-07 rpi-4-2gb``)."""
+    """How the device names itself in the coordinator's log and history.json (a simulation: ``client-07 rpi-4-2gb``)."""
+    keep_model: Path | None = None
+    """Where the device writes its personalised model after each evaluation: the experts, router rows and head the
+    coordinator sent it, as an ONNX inference model optimum loads, with ``evaluation.json`` (``--keep-model``)."""
+    global_eval_data: Path | None = None
+    """A data file the device also scores its personalised model on when the coordinator asks (``global_eval`` in
+    the instruction; ``simulate`` sets it to the global test rows for the last round)."""
 
     @classmethod
     def from_context(cls, node_config: dict[str, Any], run_config: dict[str, Any]) -> NodeSettings:
@@ -115,7 +121,8 @@ class NodeSettings:
             max_memory=float(opt("max-memory")) if opt("max-memory") else None, device=str(opt("device", "")),
             backend=str(opt("backend", "auto")), threads=int(opt("threads")) if opt("threads") else None,
             seed=int(opt("seed", 0)), eval_data=Path(str(opt("eval-data"))) if opt("eval-data") else None,
-            name=str(opt("name", "")),
+            name=str(opt("name", "")), keep_model=Path(str(opt("keep-model"))) if opt("keep-model") else None,
+            global_eval_data=Path(str(opt("global-eval-data"))) if opt("global-eval-data") else None,
         )  # fmt: skip
 
     def to_node_config(self) -> str:
@@ -126,6 +133,7 @@ class NodeSettings:
             "skip-bad-rows": self.skip_bad_rows, "eval-fraction": self.eval_fraction, "tier": "auto" if self.tier is None else self.tier,
             "batch-size": self.batch_size, "max-memory": self.max_memory or 0.0, "device": self.device, "backend": self.backend,
             "threads": self.threads or 0, "seed": self.seed, "eval-data": str(self.eval_data or ""), "name": self.name,
+            "keep-model": str(self.keep_model or ""), "global-eval-data": str(self.global_eval_data or ""),
         }  # fmt: skip
         return " ".join(f"{k}={_toml(v)}" for k, v in items.items())
 
@@ -286,6 +294,28 @@ def _encoded(node: NodeSettings, manifest: Manifest, bundle_dir: Path, max_len: 
     return _CACHE[key]
 
 
+def _global_rows(node: NodeSettings, manifest: Manifest, bundle_dir: Path, max_len: int):  # noqa: ANN202
+    """The node's ``global_eval_data`` tokenised, kept per process while the file is unchanged."""
+    from edge_runtime.data import DataSpec, TextEncoder, encode_examples, load_examples, parse_label_map
+
+    path = node.global_eval_data
+    key = ("global", str(path), path.stat().st_mtime_ns, str(bundle_dir), max_len)
+    if key not in _CACHE:
+        spec = DataSpec(node.text_columns, node.label_column, parse_label_map(node.label_map))
+        encoder = TextEncoder(bundle_dir / Path(manifest.tokenizer_files[0].path).parent, max_len)
+        _CACHE[key] = encode_examples(load_examples(path, spec, manifest.labels), encoder)
+    return _CACHE[key]
+
+
+def keep_personal_model(session: Any, bundle_dir: Path, out: Path, round_: int, metrics: dict[str, float]) -> Path:
+    """Write the session's tier (the personalised model) to ``out`` as an ONNX inference model with the bundle's
+    config and tokenizer (``local.write_inference_model``, atomic), and ``evaluation.json`` beside it."""
+    from edge_runtime.local import write_inference_model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_inference_model(session, bundle_dir, out, {"evaluation.json": json.dumps({"round": round_, **metrics}, indent=1) + "\n"})
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-memory window for this process (Linux: write 5 to /proc/self/clear_refs, which resets
     VmHWM to the current RSS). In a long-lived simulation worker this makes the peak that of one message, not of the
@@ -428,9 +458,12 @@ def _run(content: Any, node: NodeSettings, training: bool, statistics: bool = Fa
         stats = session.head_statistics(train_data, batch)
         return statistics_to_record(stats, ins.round, {"seconds": time.perf_counter() - started, "received_bytes": float(received)})
     if not training:
-        if held is None:
-            return metrics_to_record(ins.round, {"examples": 0.0, "received_bytes": float(received)})
-        metrics = session.evaluate(held, batch)
+        metrics = session.evaluate(held, batch) if held is not None else {"examples": 0.0}
+        if s.get("global_eval") and node.global_eval_data is not None:
+            rows = _global_rows(node, manifest, bundle_dir, max_len)
+            metrics.update({f"global_{k}": v for k, v in session.evaluate(rows, batch).items()})
+        if node.keep_model is not None:
+            keep_personal_model(session, bundle_dir, node.keep_model, ins.round, metrics)
         return metrics_to_record(ins.round, {**metrics, "received_bytes": float(received), "seconds": time.perf_counter() - started})
     config = TrainConfig(
         epochs=int(s.get("epochs", 1)), max_steps=int(s["max_steps"]) if s.get("max_steps") else None, batch_size=batch,

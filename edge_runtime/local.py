@@ -149,8 +149,9 @@ def plot_history(history: list[dict[str, float]], path: Path, step_losses: list[
     return True
 
 
-def write_inference_model(session: TierSession, bundle_dir: Path, out_dir: Path) -> Path:
-    """The trained tier as an ONNX inference model (logits), with the bundle's config and tokenizer beside it."""
+def write_inference_model(session: TierSession, bundle_dir: Path, out_dir: Path, extra: dict[str, str] | None = None) -> Path:
+    """The trained tier as an ONNX inference model (logits), with the bundle's config and tokenizer beside it and
+    ``extra`` text files (name -> content); the folder appears whole or not at all (written aside, then renamed)."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -165,6 +166,8 @@ def write_inference_model(session: TierSession, bundle_dir: Path, out_dir: Path)
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["fftmoe"] = {**config.get("fftmoe", {}), "tier": session.slots, "assignment": session.assignment}
         config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

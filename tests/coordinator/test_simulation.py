@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import pytest
 
 from coordinator.state import GlobalState
 from edge_runtime.bundle import load_manifest
@@ -135,9 +136,10 @@ def test_simulate_four_clients_continue_and_compare(tiny_bundle: Path, tmp_path:
     assert all(len(r) == len(rows[0]) for r in rows[2:])
 
 
-def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float) -> tuple:
+def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float, pool: dict | None = None, tiers: set | None = None) -> tuple:
     """The ridge head computed here from the clients' training files: PyTorch's pooled features of the bundle's
-    initial model (every adapter starts at zero), summed and solved with NumPy's lstsq (no fftmoe solver)."""
+    initial model (every adapter starts at zero) or of ``pool``, over the clients of ``tiers`` (default all), summed
+    and solved with NumPy's lstsq (no fftmoe solver)."""
     import numpy as np
     import torch
     from safetensors.numpy import load_file
@@ -146,10 +148,12 @@ def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float) -> t
     from edge_runtime.data import DataSpec, TextEncoder, encode_examples, load_examples
 
     manifest = load_manifest(bundle)
-    model = build_global_model(bundle, manifest, load_file(str(bundle / manifest.global_pool.path)))
+    model = build_global_model(bundle, manifest, pool if pool is not None else load_file(str(bundle / manifest.global_pool.path)))
     encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
     phi, labels = [], []
     for node in json.loads((run / "plan.json").read_text())["nodes"]:
+        if tiers is not None and node["tier"] not in tiers:
+            continue
         data = encode_examples(load_examples(Path(node["node_config"]["data"]), DataSpec(("text",), "label"), manifest.labels), encoder)
         with torch.no_grad():
             for ids, mask, y in data.batches(16):
@@ -174,8 +178,14 @@ def test_a_ridge_head_solved_from_every_client_and_kept_frozen(tiny_bundle: Path
     fleet = fixed_fleet(tmp_path / "fleet.json", [1, 2, 4])
     for name, bundle in (("fftmoe", tiny_bundle), ("fedit", tiny_fedit)):
         run = tmp_path / name
-        summary = simulate(bundle, data, fleet, run, 2, "--alpha", "0.5", "--head", "ridge-frozen", "--ridge", "0.01", "--ridge-scale", "4")
+        keep = ("--keep-models",) if name == "fftmoe" else ()
+        summary = simulate(bundle, data, fleet, run, 2, "--alpha", "0.5", "--head", "ridge-frozen", "--ridge", "0.01", "--ridge-scale", "4", *keep)
         assert summary["ok"] and summary["rounds"] == 2
+        if keep:  # every client's personalised model, scored on its own rows and on the global test rows
+            saved = [json.loads((run / "models" / n["name"] / "evaluation.json").read_text()) for n in json.loads((run / "plan.json").read_text())["nodes"]]
+            assert all(e["round"] == 2 and e["global_examples"] > 0 and (run / "models").is_dir() for e in saved)
+            assert all((run / "models" / n / "model.onnx").is_file() for n in os.listdir(run / "models"))
+            assert summary["final_personal_global_accuracy"] == pytest.approx(np.mean([e["global_accuracy"] for e in saved]))
         history = json.loads((run / "state" / "history.json").read_text())
         info = history[0]["ridge_head"]
         assert len(info["nodes"]) == 4 and info["rejected"] == {} and info["mode"] == "ridge-frozen"
@@ -187,3 +197,13 @@ def test_a_ridge_head_solved_from_every_client_and_kept_frozen(tiny_bundle: Path
         np.testing.assert_allclose(state.pool["head.weight"], weight, rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(state.pool["head.bias"], bias, rtol=1e-3, atol=1e-4)
         assert any("central" in h and h["round"] == 0 for h in history)  # the round-0 evaluation sees the solved head
+        if name == "fftmoe":  # the same command again with --ridge-resolve: the head re-solved on the trained features
+            again = simulate(bundle, data, fleet, run, 2, "--alpha", "0.5", "--head", "ridge-frozen", "--ridge", "0.01", "--ridge-scale", "4",
+                             *keep, "--ridge-resolve")  # fmt: skip
+            final = GlobalState.load(run / "state", manifest_id(manifest))
+            entry = final.history[-1]
+            assert final.round == 2 and entry["ridge_head"]["resolve"] and "central" in entry
+            assert again["final_global_accuracy"] == entry["central"]["accuracy"] and again["head_resolved"]["nodes"] == 1
+            weight, bias, _ = _direct_ridge_head(run, bundle, 0.01, 4.0, pool=state.pool, tiers={manifest.num_experts})
+            np.testing.assert_allclose(final.pool["head.weight"], weight, rtol=2e-3, atol=2e-4)
+            np.testing.assert_allclose(final.pool["head.bias"], bias, rtol=2e-3, atol=2e-4)

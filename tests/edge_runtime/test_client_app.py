@@ -172,3 +172,44 @@ def test_peak_memory_window_starts_at_each_message() -> None:
     window = _memory(True)
     assert window["peak_scope"] == 1.0 and window["peak_rss_mb"] < lifetime - 200, (window, lifetime)
     assert _memory(False)["peak_scope"] == 0.0 and _memory(False)["peak_rss_mb"] >= window["rss_mb"] - 1
+
+
+def test_a_kept_personal_model_loads_with_optimum_and_scores_as_the_device_did(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``keep-model``: each evaluation writes the device's personalised model (its tier with the values it was sent);
+    optimum's logits on the global test rows give the ``global_accuracy`` the device reported."""
+    import json
+
+    import torch
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from edge_runtime.data import DataSpec, load_examples
+
+    manifest = load_manifest(tiny_bundle)
+    pool = load_file(str(tiny_bundle / manifest.global_pool.path))
+    state = GlobalState.initial(manifest_id(manifest), pool, manifest.num_layers, manifest.num_experts)
+    ins = plan_round(state, manifest, {7: 2}, {"epochs": 1, "batch_size": 4, "learning_rate": 5e-2, "max_steps": 3, "seed": 0})[7]
+    node = NodeSettings(data=write_tiny_csv(tmp_path / "d.csv", 20, 0), cache_dir=tmp_path, bundle=tiny_bundle, tier=2, eval_fraction=0.25,
+                        backend="ort", threads=1, keep_model=tmp_path / "mine", global_eval_data=write_tiny_csv(tmp_path / "g.csv", 30, 9))  # fmt: skip
+    update, _ = update_from_record(_run(instruction_to_record(ins), node, training=True))
+    ins.values = {k: update.tensors[k] for k in ins.values}  # the device's own trained values, as a personalised model
+    ins.train = {**ins.train, "global_eval": True}
+    metrics, _ = metrics_from_record(_run(instruction_to_record(ins), node, training=False))
+    assert metrics["global_examples"] == 30 and 0 <= metrics["global_accuracy"] <= 1
+    saved = json.loads((tmp_path / "mine" / "evaluation.json").read_text())
+    assert saved["round"] == 1 and saved["global_accuracy"] == metrics["global_accuracy"]
+    assert not (tmp_path / "mine.partial").exists()
+
+    model = ORTModelForSequenceClassification.from_pretrained(tmp_path / "mine")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "mine")
+    rows = load_examples(tmp_path / "g.csv", DataSpec(("text",), "label"), manifest.labels)
+    with torch.no_grad():
+        logits = model(**tokenizer(list(rows.texts), return_tensors="pt", padding=True)).logits.numpy()
+    accuracy = float(np.mean(logits.argmax(-1) == np.asarray(rows.labels)))
+    assert accuracy == pytest.approx(metrics["global_accuracy"], abs=1e-9)
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(np.asarray(rows.labels))))
+    assert loss == pytest.approx(metrics["global_loss"], rel=1e-4)  # the trained values, not the bundle's initial ones
+    # without global_eval in the instruction the device scores only its own rows
+    ins.train = {k: v for k, v in ins.train.items() if k != "global_eval"}
+    plain, _ = metrics_from_record(_run(instruction_to_record(ins), node, training=False))
+    assert "global_accuracy" not in plain
