@@ -28,6 +28,9 @@ HEAD_HELP = ("How the classification head is set. fedavg: the bundle's random he
              "(Fed3R; about 0.6 MB per device, once), then trained and merged. ridge-frozen: solved before round 1 and "
              "kept fixed while the devices train their adapters against it.")
 RIDGE_HELP = "The ridge head's lambda, as a fraction of the mean eigenvalue of the features' Gram matrix (with --head ridge*)."
+RIDGE_RESOLVE_HELP = ("After the last round, solve the head again in closed form on the adapted features: every device sums over the "
+                      "global model's features (FFT-MoE: through tier M, all experts; it needs that tier's files). Running a finished "
+                      "simulation again with it re-solves without retraining.")
 RIDGE_SCALE_HELP = "The ridge head's logits are this times its least-squares outputs, which lie near 0 and 1 (with --head ridge*)."
 LOGIT_ADJUST_HELP = ("tau of the logit-adjusted local loss: each device trains on CE(z + tau log pi, y), pi its own label prior "
                      "(add-one smoothed), and predicts with z, so a device holding one label does not learn that every row is "
@@ -108,7 +111,7 @@ def serve(
     head: str = typer.Option("fedavg", help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
-    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help="After the last round, solve the head again in closed form on the adapted features, from the devices whose tier computes the global model's features (FFT-MoE: a tier holding all M experts). Running a finished simulation again with it re-solves without retraining."),
+    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help=RIDGE_RESOLVE_HELP),
     logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
@@ -256,7 +259,7 @@ def simulate(
     head: str = typer.Option("fedavg", help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
-    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help="After the last round, solve the head again in closed form on the adapted features, from the devices whose tier computes the global model's features (FFT-MoE: a tier holding all M experts). Running a finished simulation again with it re-solves without retraining."),
+    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help=RIDGE_RESOLVE_HELP),
     logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),

@@ -131,8 +131,8 @@ class RunSettings:
     ridge_scale: float = 6.0
     """The ridge head's logits are this times its least-squares outputs (near 0 and 1) (--ridge-scale)."""
     ridge_resolve: bool = False
-    """After the last round, solve the head again on the adapted features, from the nodes whose tier computes the
-    global model's features (``ridge_head.global_view_tiers``) (--ridge-resolve)."""
+    """After the last round, solve the head again on the adapted features, every node summing over the global
+    model's features through a tier that computes them (``ridge_head.global_view_tiers``) (--ridge-resolve)."""
     logit_adjust: float = 0.0
     """tau of the devices' logit-adjusted loss CE(z + tau log pi_device, y); 0: the plain loss (--logit-adjust)."""
     server_opt: str = "fedavgm"
@@ -505,16 +505,19 @@ class FFTMoEStrategy:
         return GlobalState(state.manifest_id, pool, state.usage, state.round, state.preferences, [*state.history, record], state.moments), record
 
     def solve_ridge_head(self, grid: Any, state: GlobalState, final: bool = False) -> GlobalState:
-        """Before round 1 (or with ``final`` after the last): ask every connected node (``final``: those whose tier
-        computes the global model's features) for its statistics, solve and commit the head, once."""
+        """Before round 1 (or with ``final`` after the last): ask every connected node for its statistics, solve
+        and commit the head, once. ``final`` asks each node to sum over the global model's features: its
+        instruction is for a tier that computes them (``ridge_head.global_view_tiers``: FFT-MoE's tier M, with every
+        expert), which the node opens for this forward pass only; a node that lacks that tier's files answers with
+        the error and is left out."""
         nodes = self.wait_for_nodes(grid)
         tiers = self.learn_devices(grid, nodes)
         if final:
             view = global_view_tiers(self.manifest)
-            exact = {n: t for n, t in tiers.items() if t in view}
-            if not exact:
-                log.warning("no connected node's tier computes the global model's features (tiers %s); the head is re-solved from all", view)
-            tiers = exact or tiers
+            if view:
+                tiers = {n: t if t in view else max(view) for n, t in tiers.items()}
+            else:
+                log.warning("no tier of this bundle computes the global model's features; the head is re-solved on each node's own tier")
         replies = self.exchange(grid, self.configure_statistics(state, tiers), self.settings.round_timeout, "head statistics")
         new, record = self.aggregate_statistics(state, replies)
         if new is None:

@@ -136,10 +136,10 @@ def test_simulate_four_clients_continue_and_compare(tiny_bundle: Path, tmp_path:
     assert all(len(r) == len(rows[0]) for r in rows[2:])
 
 
-def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float, pool: dict | None = None, tiers: set | None = None) -> tuple:
+def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float, pool: dict | None = None) -> tuple:
     """The ridge head computed here from the clients' training files: PyTorch's pooled features of the bundle's
-    initial model (every adapter starts at zero) or of ``pool``, over the clients of ``tiers`` (default all), summed
-    and solved with NumPy's lstsq (no fftmoe solver)."""
+    initial model (every adapter starts at zero) or of the global model holding ``pool``, summed and solved with
+    NumPy's lstsq (no fftmoe solver)."""
     import numpy as np
     import torch
     from safetensors.numpy import load_file
@@ -152,8 +152,6 @@ def _direct_ridge_head(run: Path, bundle: Path, ridge: float, scale: float, pool
     encoder = TextEncoder(bundle / Path(manifest.tokenizer_files[0].path).parent, manifest.max_seq_len)
     phi, labels = [], []
     for node in json.loads((run / "plan.json").read_text())["nodes"]:
-        if tiers is not None and node["tier"] not in tiers:
-            continue
         data = encode_examples(load_examples(Path(node["node_config"]["data"]), DataSpec(("text",), "label"), manifest.labels), encoder)
         with torch.no_grad():
             for ids, mask, y in data.batches(16):
@@ -203,7 +201,7 @@ def test_a_ridge_head_solved_from_every_client_and_kept_frozen(tiny_bundle: Path
             final = GlobalState.load(run / "state", manifest_id(manifest))
             entry = final.history[-1]
             assert final.round == 2 and entry["ridge_head"]["resolve"] and "central" in entry
-            assert again["final_global_accuracy"] == entry["central"]["accuracy"] and again["head_resolved"]["nodes"] == 1
-            weight, bias, _ = _direct_ridge_head(run, bundle, 0.01, 4.0, pool=state.pool, tiers={manifest.num_experts})
+            assert again["final_global_accuracy"] == entry["central"]["accuracy"] and again["head_resolved"]["nodes"] == 4
+            weight, bias, _ = _direct_ridge_head(run, bundle, 0.01, 4.0, pool=state.pool)  # every client, the global model's features
             np.testing.assert_allclose(final.pool["head.weight"], weight, rtol=2e-3, atol=2e-4)
             np.testing.assert_allclose(final.pool["head.bias"], bias, rtol=2e-3, atol=2e-4)
