@@ -277,7 +277,7 @@ def frozen_encoder(bundle_dir: Path, manifest: Any) -> tuple[Any, str]:
     (files against the manifest's sha256, weights against ``model.sha256``) as ``edge_runtime.backends.model_from_bundle``
     loads it, and the bundle's pooling (``mean`` over real tokens, or ``cls``: the first token)."""
     from edge_runtime.bundle import BundleError, verify_files
-    from exporter.model import SUPPORTED, load_encoder, weights_sha256
+    from exporter.model import load_encoder, weights_sha256
 
     if not manifest.encoder_files:
         raise ReferenceError(f"{bundle_dir}: the bundle has no encoder/ folder, which the references need; re-export it with this fftmoe")
@@ -286,7 +286,7 @@ def frozen_encoder(bundle_dir: Path, manifest: Any) -> tuple[Any, str]:
     encoder, _, _, _ = load_encoder(str(encoder_dir))
     if weights_sha256(encoder) != manifest.model.sha256:
         raise BundleError(f"{encoder_dir}: the encoder's weights differ from the manifest's model.sha256")
-    return encoder.eval(), SUPPORTED[manifest.model.model_type].pooling
+    return encoder.eval(), manifest.pooling
 
 
 def pooled_embeddings(encoder: Any, pooling: str, data: Any, batch_size: int = EMBED_BATCH, on_batch: Any = None) -> np.ndarray:
@@ -298,11 +298,13 @@ def pooled_embeddings(encoder: Any, pooling: str, data: Any, batch_size: int = E
     with torch.no_grad():
         for ids, mask, _ in data.batches(batch_size):
             hidden = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state  # [B, S, d]
-            if pooling == "mean":
+            if pooling.startswith("mean"):
                 m = torch.from_numpy(mask).to(hidden.dtype).unsqueeze(-1)
                 pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
             else:
                 pooled = hidden[:, 0]
+            if pooling.endswith("-l2"):
+                pooled = pooled / torch.sqrt((pooled * pooled).sum(dim=-1, keepdim=True) + 1e-12)
             out.append(pooled.numpy().astype(np.float64))
             if on_batch is not None:
                 on_batch(len(ids))

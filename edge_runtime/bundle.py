@@ -135,6 +135,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _pooling(value: str) -> str:
+    """The manifest's pooling, one of ``mean``, ``mean-l2``, ``cls`` (``exporter.model.POOLINGS``)."""
+    if value not in ("mean", "mean-l2", "cls"):
+        raise BundleError(f"manifest: pooling {value!r} is not one of mean, mean-l2, cls")
+    return value
+
+
 def _positive(value: int, name: str) -> int:
     if value < 1:
         raise ManifestError(f"manifest field '{name}' must be >= 1, got {value}")
@@ -422,7 +429,7 @@ class Manifest:
             top_k=top_k,
             aux_alpha=float(_get(d, "aux_alpha", (int, float), "")),
             aux_beta=float(_get(d, "aux_beta", (int, float), "")),
-            pooling=_get(d, "pooling", str, ""),
+            pooling=_pooling(_get(d, "pooling", str, "")),
             opset=_get(d, "opset", int, ""),
             tiers=tiers,
             global_pool=FileEntry.from_dict(_get(d, "global_pool", dict, ""), "global_pool"),

@@ -45,6 +45,7 @@ def export(
     labels: Optional[str] = typer.Option(None, help="Class labels, comma-separated, in the order of the head's outputs, e.g. World,Sports,Business,Sci/Tech."),
     num_labels: Optional[int] = typer.Option(None, help="Number of classes when the labels are just 0..N-1 (default 2 when --labels is not given)."),
     max_seq_len: int = typer.Option(128, help="Tokens per example (text models); longer texts are truncated on the device."),
+    pooling: str = typer.Option("", help="The head's input: mean (over real tokens; text's default), mean-l2 (that mean at unit L2 norm, as MiniLM's sentence-transformers pipeline ends) or cls (the first token; images' default)."),
     alpha: float = typer.Option(0.01, help="Weight of the load-balance auxiliary loss; 0 turns it off."),
     beta: float = typer.Option(0.01, help="Weight of the heterogeneity (KL to target q) auxiliary loss; 0 turns it off."),
     seed: int = typer.Option(0, help="Seed of the adapter's initial weights."),
@@ -81,7 +82,7 @@ def export(
         opts = ExportOptions(
             out=out, tiers=tier_list, adapter=adapter, lora=lora, model=model,
             labels=labels.split(",") if labels is not None else None, num_labels=num_labels,
-            max_seq_len=max_seq_len, force=force, measure=measure,
+            max_seq_len=max_seq_len, pooling=pooling, force=force, measure=measure,
         )  # fmt: skip
         opts.resolved_labels()
     except ConfigError as exc:

@@ -8,6 +8,7 @@ one is whole).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -31,7 +32,7 @@ from edge_runtime.bundle import (
     Tier,
 )
 from exporter.config import ConfigError, LoraAdapterConfig, MoEAdapterConfig
-from exporter.model import AdaptedEncoder, FFTMoEModel, encoder_blocks, init_global_pool, load_encoder, weights_sha256
+from exporter.model import POOLINGS, AdaptedEncoder, FFTMoEModel, encoder_blocks, init_global_pool, load_encoder, weights_sha256
 from exporter.onnx_export import OPSET, example_inputs, export_inference_model, generate_tier_artifacts
 
 GLOBAL_POOL_FILE = "global_pool.safetensors"
@@ -57,6 +58,9 @@ class ExportOptions:
     labels: list[str] | None = None
     num_labels: int | None = None
     max_seq_len: int = 128
+    pooling: str = ""
+    """The head's pooling, one of ``model.POOLINGS`` (--pooling); empty: the architecture's own (mean for text, cls
+    for images)."""
     force: bool = False
     measure: bool = True
     measure_batch: int = 16
@@ -191,6 +195,12 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
     check_output(out, opts.force)
     progress(f"loading encoder {opts.model or 'all-MiniLM-L6-v2 (offline default)'}")
     encoder, preprocessor, arch, source = load_encoder(opts.model)
+    if opts.pooling:
+        if opts.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling {opts.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if opts.pooling.startswith("mean") and arch.modality != "text":
+            raise ConfigError(f"--pooling {opts.pooling}: mean pooling is over a text's real tokens; use cls for an image model")
+        arch = dataclasses.replace(arch, pooling=opts.pooling)
     cfg = encoder.config
     image_size = getattr(cfg, "image_size", None) if arch.modality == "vision" else None
     if arch.modality == "text":

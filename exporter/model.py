@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,12 @@ class Architecture:
     modality: str  # "text" or "vision"
     blocks: str  # attribute path from the base model to the list of blocks
     ffn_output: str  # attribute of a block holding the FFN output module (dense + residual [+ LayerNorm])
-    pooling: str  # "mean" over real tokens (sentence-embedding style) or "cls" (first token)
+    pooling: str  # "mean" over real tokens (sentence-embedding style) or "cls" (first token); POOLINGS
+
+
+POOLINGS = ("mean", "mean-l2", "cls")
+"""How the head's input is pooled from the last hidden states: the mean over real tokens, that mean scaled to unit
+L2 norm (as sentence-transformers' MiniLM pipeline ends), or the first token (``fftmoe-export --pooling``)."""
 
 
 SUPPORTED: dict[str, Architecture] = {
@@ -208,11 +213,13 @@ class AdaptedEncoder(nn.Module):
             (pixel_values,) = inputs
             hidden = self.encoder(pixel_values=pixel_values).last_hidden_state  # [B, S, d]
             token_mask = torch.ones(hidden.shape[:2], dtype=torch.int64)
-        if self.arch.pooling == "mean":
+        if self.arch.pooling.startswith("mean"):
             m = token_mask.to(hidden.dtype).unsqueeze(-1)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [B, d]
         else:
             pooled = hidden[:, 0]  # [B, d]
+        if self.arch.pooling.endswith("-l2"):  # Div, Sqrt, ReduceSum: ops with gradients in ORT's training graph
+            pooled = pooled / torch.sqrt((pooled * pooled).sum(dim=-1, keepdim=True) + 1e-12)  # [B, d], unit norm
         return pooled, token_mask
 
     def routing(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -339,7 +346,7 @@ class FFTMoEModel(AdaptedEncoder):
 def build_model(encoder: nn.Module, manifest: Manifest, slots: int | None) -> AdaptedEncoder:
     """The model a bundle describes, around ``encoder`` (used, not copied): one tier's (``slots``), or with None the
     global one (all M experts and the M-row routers; for a LoRA baseline the largest rank). Adapters not filled."""
-    arch = SUPPORTED[manifest.model.model_type]
+    arch = replace(SUPPORTED[manifest.model.model_type], pooling=manifest.pooling)
     if manifest.is_lora:
         from exporter.lora import LoraModel, lora_config_from_manifest
 

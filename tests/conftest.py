@@ -63,14 +63,14 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit")
 
 
-def export_tiny(bert_dir: Path, out: Path, tiers: list[int], num_experts: int) -> Path:
+def export_tiny(bert_dir: Path, out: Path, tiers: list[int], num_experts: int, pooling: str = "") -> Path:
     """Export the tiny BERT with experts of width 8 (alpha = beta = 0.1), three labels, no measurement."""
     from exporter.config import MoEAdapterConfig
     from exporter.export import ExportOptions, export_bundle
 
     opts = ExportOptions(
         out=out, tiers=tiers, adapter=MoEAdapterConfig(num_experts=num_experts, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
-        model=str(bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False,
+        model=str(bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False, pooling=pooling,
     )  # fmt: skip
     export_bundle(opts)
     return out
@@ -80,6 +80,12 @@ def export_tiny(bert_dir: Path, out: Path, tiers: list[int], num_experts: int) -
 def tiny_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of the tiny BERT: M=4 experts of width 8, tiers 1, 2 and 4, three labels, no measurement."""
     return export_tiny(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny", [1, 2, 4], 4)
+
+
+@pytest.fixture(scope="session")
+def tiny_l2(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle's shape with L2-normalised mean pooling (--pooling mean-l2): M=4, tiers 2 and 4."""
+    return export_tiny(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny-l2", [2, 4], 4, pooling="mean-l2")
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,31 @@ def test_gradients_match_pytorch_autograd(tiny_bundle: Path, slots: int) -> None
     assert report.worst_error <= GRAD_RTOL, f"{report.worst_name}: relative gradient error {report.worst_error:.2e}"
 
 
+@pytest.mark.parametrize("slots", [2, 4])
+def test_l2_pooling_gradients_match_pytorch_and_features_have_unit_norm(tiny_l2: Path, slots: int) -> None:
+    """--pooling mean-l2: the training graph's gradients against autograd, and its ``features`` output at norm 1."""
+    manifest = load_manifest(tiny_l2)
+    assert manifest.pooling == "mean-l2"
+    report = gradient_check(tiny_l2, slots)
+    assert abs(report.loss_ort - report.loss_torch) <= 1e-5 * max(1.0, abs(report.loss_torch))
+    assert report.worst_error <= GRAD_RTOL, f"{report.worst_name}: relative gradient error {report.worst_error:.2e}"
+    from edge_runtime.bundle import OUTPUTS
+
+    session = OrtTierSession(tier_files(tiny_l2, manifest, slots), with_optimizer=False)
+    batch = [t.numpy() for t in example_inputs(torch_model(tiny_l2, manifest, slots), 4, 12, None, seed=5)]
+    features = session.evaluate(batch)[OUTPUTS.index("features")]
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+
+
+def test_an_unknown_pooling_is_refused_by_name(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from exporter.config import ConfigError
+    from tests.conftest import export_tiny
+
+    with pytest.raises(ConfigError, match="--pooling 'max'"):
+        export_tiny(tiny_bert_dir, tmp_path / "b", [2], 4, pooling="max")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("slots", TIERS)
 def test_training_lowers_loss_and_changes_only_trainable_tensors(tiny_bundle: Path, slots: int) -> None:
     manifest = load_manifest(tiny_bundle)
