@@ -71,6 +71,9 @@ from edge_runtime.update import Update, manifest_id
 log = logging.getLogger("flwr.fftmoe")
 HISTORY_FILE = "history.json"
 PLOT_FILE = "progress.png"
+BEFORE_RESOLVE = "before-resolve"
+"""With --ridge-resolve, the state dir's subfolder holding the last round's state as it was before the head was
+re-solved: a state dir of its own (``fftmoe-coordinator export --state-dir STATE/before-resolve``)."""
 STATUS_FILE = "run-status.json"
 UPDATES_DIR = "updates"
 
@@ -531,6 +534,8 @@ class FFTMoEStrategy:
                 log.info("round %d (re-solved head): central accuracy %.4f, loss %.4f", new.round, central["accuracy"], central["loss"])
         log.info("ridge head solved from %d node(s), %d example(s), labels %s (lambda %.4g)", len(info["nodes"]), info["examples"],
                  info["label_counts"], info["ridge_lambda"])  # fmt: skip
+        if final:  # the re-solved head replaces the last round's checkpoint: the state it replaces stays loadable
+            state.save(self.state_dir / BEFORE_RESOLVE, keep=1)
         new.save(self.state_dir, self.settings.keep_checkpoints)
         return new
 

@@ -201,6 +201,10 @@ def test_a_ridge_head_solved_from_every_client_and_kept_frozen(tiny_bundle: Path
             final = GlobalState.load(run / "state", manifest_id(manifest))
             entry = final.history[-1]
             assert final.round == 2 and entry["ridge_head"]["resolve"] and "central" in entry
+            before = GlobalState.load(run / "state" / "before-resolve", manifest_id(manifest))  # the replaced state, kept
+            assert before.round == 2 and before.history == state.history
+            for key, value in state.pool.items():
+                np.testing.assert_array_equal(before.pool[key], value, err_msg=key)
             assert again["final_global_accuracy"] == entry["central"]["accuracy"] and again["head_resolved"]["nodes"] == 4
             weight, bias, _ = _direct_ridge_head(run, bundle, 0.01, 4.0, pool=state.pool)  # every client, the global model's features
             np.testing.assert_allclose(final.pool["head.weight"], weight, rtol=2e-3, atol=2e-4)
