@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -493,9 +493,8 @@ def join(
     until Ctrl-C; when the coordinator goes away (a restart with --resume), it reconnects.
     """
     import signal
-    import time
 
-    from coordinator.deploy import flower_env, free_port, stop, supernode_command
+    from coordinator.deploy import free_port, stop, supernode_command
     from edge_runtime.backends import resolve_backend
     from edge_runtime.client_app import NodeSettings
     from edge_runtime.profile import TierChoiceError, choose_tier
@@ -548,63 +547,95 @@ def join(
         what = f"tier {tier_n}, batch {batch_size}" if tier_n else "tier chosen when the coordinator's manifest arrives"
         err.print(f"device {dev.name}: {dev.memory_available_mb:.0f} MB available, {dev.cores} cores; backend {backend_name}; {what}", highlight=False)
         err.print(f"joining {server} ({'insecure' if insecure else 'TLS'}{', authenticated' if auth_key else ''}); Flower's log: {home}/supernode.log", highlight=False)
-    proc: subprocess.Popen | None = None
     stopping = {"flag": False}
+    running: dict[str, subprocess.Popen] = {}
 
     def on_signal(_sig, _frame) -> None:
         stopping["flag"] = True
-        stop(proc)
+        stop(running.get("proc"))
 
     previous = signal.signal(signal.SIGINT, on_signal)
     previous_term = signal.signal(signal.SIGTERM, on_signal)
-    # A SuperNode serves run after run; it exits only when it lost the SuperLink (a coordinator restarting with
-    # --resume, a network outage) or was refused. Restart it, and give up after --retry-seconds without a stay.
-    deadline = time.monotonic() + retry_seconds
-    code = 0
     try:
-        while True:
-            started = time.monotonic()
-            env = flower_env(home)  # also creates the folder
-            log_path = home / "supernode.log"
-            log_start = log_path.stat().st_size if log_path.exists() else 0
-            with open(log_path, "ab") as log_file:
-                proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-                code = _wait_supernode(proc, log_path, log_start)
-            if stopping["flag"]:
-                break
-            if _gave_up(log_path, log_start):  # Flower's own retries (--max-wait-time) ran out
-                break
-            if time.monotonic() - started > 60:  # it had been connected: a fresh retry window
-                deadline = time.monotonic() + retry_seconds
-            if time.monotonic() > deadline:
-                break
-            err.print(f"the SuperNode exited (code {code}; see {home}/supernode.log); reconnecting", highlight=False)
-            time.sleep(3)
+        code = _keep_supernode_running(cmd, home, retry_seconds, lambda: stopping["flag"], running)
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
-        stop(proc)
+        stop(running.get("proc"))
     if stopping["flag"]:
         raise typer.Exit(EXIT_INTERRUPTED)
     _fail(f"no connection to {server} for {retry_seconds:.0f} s (last SuperNode exit code {code}); see {home}/supernode.log",
           EXIT_FAILED, json_out, "supernode")
 
 
+RESTART_PAUSE_S = 3.0
+"""How long ``join`` waits between a SuperNode's exit and its restart."""
+
+
+def _keep_supernode_running(cmd: list[str], home: Path, retry_seconds: float, stopping: Callable[[], bool],
+                            running: dict[str, subprocess.Popen]) -> int:  # fmt: skip
+    """Run the SuperNode ``cmd`` (log: HOME/supernode.log) and start it again each time it exits; the last exit code.
+
+    A SuperNode serves run after run; it exits only when it lost the SuperLink (a coordinator restarting with
+    --resume, a network outage) or was refused. It is restarted until ``stopping()``, until Flower's own retries
+    (``--max-wait-time``) ran out, or until ``retry_seconds`` passed since the last start that got a node ID.
+    ``running["proc"]`` is the live process, for a signal handler to stop."""
+    import time
+
+    from coordinator.deploy import flower_env
+
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        env = flower_env(home)  # also creates the folder
+        log_path = home / "supernode.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log_file:
+            running["proc"] = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            code = _wait_supernode(running["proc"], log_path, log_start)
+        if stopping() or _gave_up(log_path, log_start):
+            return code
+        if _connected(log_path, log_start):  # it had been connected: a fresh retry window
+            deadline = time.monotonic() + retry_seconds
+        if time.monotonic() > deadline:
+            return code
+        _err().print(f"the SuperNode exited (code {code}; see {log_path}); reconnecting", highlight=False)
+        time.sleep(RESTART_PAUSE_S)
+
+
 GAVE_UP_GRACE_S = 15.0
 """How long a SuperNode may linger after logging that it gave up reconnecting before ``join`` stops it."""
 
 
-def _gave_up(log_path: Path, log_start: int) -> bool:
-    """Whether the SuperNode logged, since ``log_start``, that its retries (``--max-wait-time``) ran out."""
+def _logged(log_path: Path, log_start: int, *texts: bytes) -> bool:
+    """Whether the SuperNode's log holds any of ``texts`` after byte ``log_start`` (this start of it)."""
     with open(log_path, "rb") as log_file:
         log_file.seek(log_start)
-        return b"Giving up reconnection" in log_file.read()
+        tail = log_file.read()
+    return any(t in tail for t in texts)
+
+
+def _gave_up(log_path: Path, log_start: int) -> bool:
+    """Whether the SuperNode logged, since ``log_start``, that its retries (``--max-wait-time``) ran out."""
+    return _logged(log_path, log_start, b"Giving up reconnection")
+
+
+def _connected(log_path: Path, log_start: int) -> bool:
+    """Whether the SuperNode got a node ID from the SuperLink since ``log_start``. How long it then stayed does not
+    matter: a coordinator restarted with ``--resume`` a few times in a row ends each SuperNode within seconds, and
+    each was a connection, so each restart opens a fresh ``--retry-seconds`` window."""
+    return _logged(log_path, log_start, b"SuperNode ID:")
+
+
+def _finished(log_path: Path, log_start: int) -> bool:
+    """Whether the SuperNode logged that it is ending: gave up reconnecting, or terminated (the SuperLink forgot the
+    node: a restarted coordinator answers its heartbeat 401)."""
+    return _logged(log_path, log_start, b"Giving up reconnection", b"SuperNode terminated")
 
 
 def _wait_supernode(proc: subprocess.Popen, log_path: Path, log_start: int) -> int:
     """Wait for the SuperNode to exit; its exit code. A SuperNode that gave up reconnecting can hang in Python's
     thread shutdown instead of exiting (seen on an emulated aarch64 board: still alive an hour later), so once it has
-    logged that, it gets ``GAVE_UP_GRACE_S`` to exit and is then stopped."""
+    logged that it is ending (``_finished``), it gets ``GAVE_UP_GRACE_S`` to exit and is then stopped."""
     import time
 
     from coordinator.deploy import stop
@@ -615,7 +646,7 @@ def _wait_supernode(proc: subprocess.Popen, log_path: Path, log_start: int) -> i
             return proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             pass
-        if gave_up_at is None and _gave_up(log_path, log_start):
+        if gave_up_at is None and _finished(log_path, log_start):
             gave_up_at = time.monotonic()
         if gave_up_at is not None and time.monotonic() - gave_up_at > GAVE_UP_GRACE_S:
             stop(proc)

@@ -35,11 +35,22 @@ def serve(bundle: Path, state: Path, port: int, rounds: int, resume: bool, fault
 
 
 def join(port: int, data: Path, tier: int, cache: Path, fault: str = "") -> subprocess.Popen:
+    """``fftmoe-edge join`` on loopback; its own messages go to CACHE/join.log (``device_logs`` shows them)."""
     cmd = [str(BIN / "fftmoe-edge"), "join", "--server", f"127.0.0.1:{port}", "--data", str(data), "--tier", str(tier), "--insecure",
            "--cache-dir", str(cache), "--eval-fraction", "0.25", "--threads", "1", "--retry-seconds", "600"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("FFTMOE_FAULT")}
     env.update(TOKENIZERS_PARALLELISM="false", **({"FFTMOE_FAULT": fault} if fault else {}))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "join.log", "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def device_logs(tmp_path: Path, tail: int = 3000) -> str:
+    """The end of every device's join.log and SuperNode log under ``tmp_path``: what a failed assertion prints."""
+    parts = []
+    for log in sorted([*tmp_path.glob("cache*/join.log"), *tmp_path.glob("cache*/supernode-*/supernode.log")]):
+        parts.append(f"--- {log.relative_to(tmp_path)}\n{log.read_text(errors='replace')[-tail:]}")
+    return "\n".join(parts)
 
 
 def kill_tree(proc: subprocess.Popen, port: int | None = None) -> None:
@@ -88,7 +99,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
                 assert time.monotonic() < deadline, f"{point} not reached in 900 s"
                 time.sleep(0.2)
             kill_tree(proc, port)
-            assert f"SIGKILL at {point}" in fault_log.read_text(), (point, proc.stdout.read()[-2000:], proc.stderr.read()[-3000:])  # type: ignore[union-attr]
+            assert f"SIGKILL at {point}" in fault_log.read_text(), (point, proc.stdout.read()[-2000:], proc.stderr.read()[-3000:], device_logs(tmp_path))  # type: ignore[union-attr]
             state = GlobalState.load(state_dir, mid)  # loads, hashes verified: nothing half-written
             assert state.round == done + kept, (point, state.round, done)
             assert [h["round"] for h in state.history if "train_loss" in h] == list(range(1, state.round + 1))
@@ -101,7 +112,7 @@ def test_coordinator_killed_at_each_point_resumes_from_the_last_committed_round(
                 assert "lacks 1 file(s)" in (state_dir / "run.log").read_text(errors="replace")
             done = state.round
         code, result, err = finish_serve(serve(tiny_bundle, state_dir, port, done + 1, resume=True), 900)
-        assert code == 0 and result["ok"] and result["rounds_done"] == done + 1, (result, err[-4000:], (state_dir / "run.log").read_text(errors="replace")[-4000:])
+        assert code == 0 and result["ok"] and result["rounds_done"] == done + 1, (result, err[-4000:], (state_dir / "run.log").read_text(errors="replace")[-4000:], device_logs(tmp_path))
     finally:
         for p in nodes:
             stop(p, timeout=5)

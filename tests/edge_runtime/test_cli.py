@@ -213,3 +213,43 @@ def test_join_stops_a_supernode_that_gave_up_but_lingers(tmp_path: Path, monkeyp
     assert cli._gave_up(log, start) and not cli._gave_up(log, log.stat().st_size)
     quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     assert cli._wait_supernode(quick, log, log.stat().st_size) == 3
+
+
+def test_join_restarts_a_supernode_that_keeps_connecting_past_retry_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator restarted with --resume several times in a row ends each SuperNode within seconds of its
+    connection. Each start that got a node ID opens a fresh --retry-seconds window, however short it stayed (CI saw
+    a device give up in the middle of such restarts); starts that never connect use up the window; Flower giving up
+    ends at once."""
+    import sys
+
+    import edge_runtime.cli as cli
+
+    monkeypatch.setattr(cli, "RESTART_PAUSE_S", 0.1)
+    counter = tmp_path / "starts"
+    # a stand-in SuperNode: connects (Flower's line) on its first 4 starts and exits at once; then never connects
+    script = ("import sys, pathlib, time; c = pathlib.Path(sys.argv[1]); n = int(c.read_text()) + 1 if c.exists() else 1; "
+              "c.write_text(str(n)); time.sleep(0.3); print('INFO : SuperNode ID: 7' if n <= 4 else 'WARNING : retrying', flush=True)")  # fmt: skip
+    running: dict = {}
+    code = cli._keep_supernode_running([sys.executable, "-c", script, str(counter)], tmp_path / "home", 0.2, lambda: False, running)
+    assert code == 0 and int(counter.read_text()) == 5, counter.read_text()  # 4 connected starts, then one unconnected
+    assert running["proc"].poll() is not None
+    giving_up = "print('WARNING : Giving up reconnection after 600.00 seconds and 9 tries.', flush=True); raise SystemExit(1)"
+    assert cli._keep_supernode_running([sys.executable, "-c", giving_up], tmp_path / "home2", 60.0, lambda: False, {}) == 1
+
+
+def test_join_stops_a_supernode_that_terminated_but_lingers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a restarted coordinator answers its heartbeat 401, Flower's SuperNode logs that it terminated; one that
+    then hangs instead of exiting is stopped after the grace period, so that ``join`` can start it again."""
+    import subprocess
+    import sys
+    import time
+
+    import edge_runtime.cli as cli
+
+    monkeypatch.setattr(cli, "GAVE_UP_GRACE_S", 1.0)
+    log = tmp_path / "supernode.log"
+    script = "import sys, time; f = open(sys.argv[1], 'a'); f.write('INFO : SuperNode terminated gracefully.'); f.flush(); time.sleep(3600)"
+    lingering = subprocess.Popen([sys.executable, "-c", script, str(log)], start_new_session=True)
+    t0 = time.monotonic()
+    cli._wait_supernode(lingering, log, 0)
+    assert lingering.poll() is not None and time.monotonic() - t0 < 30
