@@ -603,7 +603,12 @@ def _keep_supernode_running(cmd: list[str], home: Path, retry_seconds: float, st
 
 
 GAVE_UP_GRACE_S = 15.0
-"""How long a SuperNode may linger after logging that it gave up reconnecting before ``join`` stops it."""
+"""How long a SuperNode may linger after logging its end (``_finished``) before ``join`` stops it."""
+
+# Lines of Flower 1.41's SuperNode log that ``join`` acts on.
+GAVE_UP = b"Giving up reconnection"  # its retries (--max-wait-time) ran out
+TERMINATED = b"SuperNode terminated"  # it stopped: the SuperLink forgot the node (a restart answers its heartbeat 401)
+NODE_ID = b"SuperNode ID:"  # the SuperLink gave it a node ID
 
 
 def _logged(log_path: Path, log_start: int, *texts: bytes) -> bool:
@@ -616,20 +621,20 @@ def _logged(log_path: Path, log_start: int, *texts: bytes) -> bool:
 
 def _gave_up(log_path: Path, log_start: int) -> bool:
     """Whether the SuperNode logged, since ``log_start``, that its retries (``--max-wait-time``) ran out."""
-    return _logged(log_path, log_start, b"Giving up reconnection")
+    return _logged(log_path, log_start, GAVE_UP)
 
 
 def _connected(log_path: Path, log_start: int) -> bool:
     """Whether the SuperNode got a node ID from the SuperLink since ``log_start``. How long it then stayed does not
     matter: a coordinator restarted with ``--resume`` a few times in a row ends each SuperNode within seconds, and
     each was a connection, so each restart opens a fresh ``--retry-seconds`` window."""
-    return _logged(log_path, log_start, b"SuperNode ID:")
+    return _logged(log_path, log_start, NODE_ID)
 
 
 def _finished(log_path: Path, log_start: int) -> bool:
     """Whether the SuperNode logged that it is ending: gave up reconnecting, or terminated (the SuperLink forgot the
     node: a restarted coordinator answers its heartbeat 401)."""
-    return _logged(log_path, log_start, b"Giving up reconnection", b"SuperNode terminated")
+    return _logged(log_path, log_start, GAVE_UP, TERMINATED)
 
 
 def _wait_supernode(proc: subprocess.Popen, log_path: Path, log_start: int) -> int:
