@@ -68,7 +68,8 @@ def show(
     console = Console()
     console.print(
         f"{bundle}: {m.model.model_type} ({m.model.source}), {m.num_layers} layers, d={m.hidden_size}; "
-        f"M={m.num_experts} experts of width r={m.expert_dim}, top-k={m.top_k}, alpha={m.aux_alpha}, beta={m.aux_beta}; "
+        f"M={m.num_experts} experts of width r={m.expert_dim}, top-k={m.top_k}, alpha={m.aux_alpha}, beta={m.aux_beta}, "
+        f"balance {m.balance_loss}, adapter {m.adapter_placement}, pooling {m.pooling}; "
         f"labels {', '.join(m.labels)}",
         highlight=False,
     )

@@ -245,6 +245,7 @@ def write_report(out: Path, manifest: Any, plots: bool = True) -> dict[str, Any]
         raise ReportError(f"{out}: damaged history or plan ({exc})") from exc
     rows = metrics_rows(history)
     summary = summarize(rows, plan, manifest, history=history)
+    summary["settings"] = run_variant(manifest, _read_json(out / "state" / "run-settings.json"))
     summary["run"] = str(out)
     tmp = out / (METRICS_FILE + ".partial")
     tmp.write_text("".join(json.dumps({"method": summary["method"], **r}) + "\n" for r in rows), encoding="utf-8")
@@ -289,10 +290,41 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
     return path
 
 
+VARIANT_DEFAULTS: dict[str, Any] = {
+    "pooling": "mean", "balance_loss": "switch", "adapter_placement": "post-ln", "logit_adjust": 0.0,
+    "ridge_resolve": False, "server_opt": "fedavgm", "server_lr": 1.0, "server_momentum": 0.0, "server_damping": 0.0,
+}  # fmt: skip
+"""The settings beside method and head that change what a run trains, with their defaults (for ``run_label``)."""
+
+
+def run_variant(manifest: Any, run: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's and the run config's settings of ``VARIANT_DEFAULTS``; a run config written before
+    STATE_DIR/run-settings.json existed leaves its keys out."""
+    out = {k: getattr(manifest, k) for k in ("balance_loss", "adapter_placement") if hasattr(manifest, k)}
+    if str(getattr(manifest, "pooling", "")).endswith("-l2"):  # mean and cls are the modalities' own poolings
+        out["pooling"] = manifest.pooling
+    if run is not None:
+        out.update({k: run[k] for k in VARIANT_DEFAULTS if k in run})
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def run_label(summary: dict[str, Any]) -> str:
-    """What a run is, without its seed: the method, and the head when it is not FedAvg's."""
+    """What a run is, without its seed: the method, the head when it is not FedAvg's, and every setting of
+    ``VARIANT_DEFAULTS`` that is not its default (e.g. ``fftmoe (ridge-frozen, logit_adjust=1)``)."""
     head = summary.get("head") or "fedavg"
-    return summary["method"] if head == "fedavg" else f"{summary['method']} ({head})"
+    parts = [] if head == "fedavg" else [head]
+    for key, default in VARIANT_DEFAULTS.items():
+        value = (summary.get("settings") or {}).get(key, default)
+        if value != default:
+            parts.append(key if value is True else f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    return summary["method"] if not parts else f"{summary['method']} ({', '.join(parts)})"
 
 
 def paired_seeds(summaries: list[dict[str, Any]], key: str = "final_global_accuracy") -> dict[str, Any]:

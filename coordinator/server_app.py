@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ BEFORE_RESOLVE = "before-resolve"
 """With --ridge-resolve, the state dir's subfolder holding the last round's state as it was before the head was
 re-solved: a state dir of its own (``fftmoe-coordinator export --state-dir STATE/before-resolve``)."""
 STATUS_FILE = "run-status.json"
+SETTINGS_FILE = "run-settings.json"
+"""STATE_DIR/run-settings.json: the run config of the last start (``RunSettings`` fields), for the report."""
 UPDATES_DIR = "updates"
 
 
@@ -744,6 +746,7 @@ def _build_app():  # noqa: ANN202
         status = Path(settings.state_dir) / STATUS_FILE
         status.parent.mkdir(parents=True, exist_ok=True)
         write_status(status, {"ok": False, "running": True, "run_id": context.run_id})
+        write_status(status.with_name(SETTINGS_FILE), asdict(settings))
         try:
             state = FFTMoEStrategy(settings).start(grid)
         except Exception as exc:

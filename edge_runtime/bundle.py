@@ -142,6 +142,22 @@ def _pooling(value: str) -> str:
     return value
 
 
+BALANCE_LOSSES = ("switch", "switch-soft")
+"""The manifest's ``balance_loss`` values (``exporter.config.BALANCE_LOSSES``)."""
+PLACEMENTS = ("post-ln", "pre-ln")
+"""The manifest's ``adapter_placement`` values (``exporter.config.PLACEMENTS``)."""
+
+
+def _choice(d: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    """An optional string field of the manifest that must be one of ``allowed``; ``default`` when absent."""
+    if key not in d:
+        return default
+    value = _get(d, key, str, "")
+    if value not in allowed:
+        raise ManifestError(f"manifest field {key!r} is {value!r}, not one of {', '.join(allowed)}")
+    return value
+
+
 def _positive(value: int, name: str) -> int:
     if value < 1:
         raise ManifestError(f"manifest field '{name}' must be >= 1, got {value}")
@@ -310,6 +326,12 @@ class Manifest:
     """One of METHODS. For the LoRA baselines num_experts and top_k are 1 (one global adapter that every token
     uses) and expert_dim is the largest rank; bundles written before the baselines existed are ``fftmoe``."""
     lora: LoraInfo | None = None
+    balance_loss: str = "switch"
+    """FFT-MoE's load-balance rule, one of ``BALANCE_LOSSES`` (``fftmoe-export --balance-loss``); written only
+    when not ``switch``, and a missing field reads as ``switch`` (the rule of every bundle before it existed)."""
+    adapter_placement: str = "post-ln"
+    """Where each block's adapter adds its output, one of ``PLACEMENTS`` (``fftmoe-export --adapter-placement``);
+    written only when not ``post-ln``, and a missing field reads as ``post-ln``."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -350,6 +372,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tiers"] = {str(k): asdict(v) for k, v in sorted(self.tiers.items())}
+        for key, default in (("balance_loss", "switch"), ("adapter_placement", "post-ln")):
+            if d[key] == default:  # the defaults are left out, so manifests (and manifest ids) stay as before
+                del d[key]
         if not self.is_lora:  # FFT-MoE manifests are written (and hashed: manifest_id) as before the baselines existed
             del d["method"], d["lora"]
             for tier in d["tiers"].values():
@@ -447,6 +472,8 @@ class Manifest:
             fftmoe_version=str(d.get("fftmoe_version", "")),
             method=method,
             lora=lora,
+            balance_loss=_choice(d, "balance_loss", BALANCE_LOSSES, "switch"),
+            adapter_placement=_choice(d, "adapter_placement", PLACEMENTS, "post-ln"),
         )
 
 

@@ -48,6 +48,8 @@ def export(
     pooling: str = typer.Option("", help="The head's input: mean (over real tokens; text's default), mean-l2 (that mean at unit L2 norm, as MiniLM's sentence-transformers pipeline ends) or cls (the first token; images' default)."),
     alpha: float = typer.Option(0.01, help="Weight of the load-balance auxiliary loss; 0 turns it off."),
     beta: float = typer.Option(0.01, help="Weight of the heterogeneity (KL to target q) auxiliary loss; 0 turns it off."),
+    balance_loss: str = typer.Option("switch", help="FFT-MoE's load-balance term: switch (t * sum_j f_j p_j; a constant with no gradient on a tier whose every slot is active, tier 2 at top-k 2) or switch-soft (t * sum_j p_j^2 on such a tier, Switch's on the others)."),
+    adapter_placement: str = typer.Option("post-ln", help="Where each block's MoE adapter adds its output: post-ln (after the FFN output's LayerNorm) or pre-ln (inside the residual, before that LayerNorm, as a parallel branch of the FFN; BERT-style post-LN encoders only)."),
     seed: int = typer.Option(0, help="Seed of the adapter's initial weights."),
     measure: bool = typer.Option(True, help="Measure each tier's ORT step time and peak memory (batch 16 x 64 tokens, 2 threads) for tier selection on devices."),
     force: bool = typer.Option(False, "--force", help="Replace a bundle already at --out (the old one is kept until the new one is complete)."),
@@ -64,7 +66,8 @@ def export(
     err = Console(stderr=True, soft_wrap=True)
     try:
         adapter = MoEAdapterConfig(
-            num_experts=experts, expert_dim=expert_dim, top_k=top_k, aux_alpha=alpha, aux_beta=beta, seed=seed
+            num_experts=experts, expert_dim=expert_dim, top_k=top_k, aux_alpha=alpha, aux_beta=beta, seed=seed,
+            balance_loss=balance_loss, placement=adapter_placement,
         )
         lora = None
         if method not in ("fftmoe", "fedit", "hetlora"):
@@ -74,6 +77,9 @@ def export(
             if ranks is not None:
                 raise ConfigError("--ranks is for the LoRA baselines; add --method fedit or --method hetlora")
         else:
+            for flag, value, default in (("--balance-loss", balance_loss, "switch"), ("--adapter-placement", adapter_placement, "post-ln")):
+                if value != default:
+                    raise ConfigError(f"{flag} is FFT-MoE's (the MoE adapter's); drop it with --method {method}")
             tier_list = parse_tiers(tiers, 1 << 30)
             if ranks is None:
                 raise ConfigError(f"--method {method} needs --ranks: one rank (fedit), or one per tier (hetlora), e.g. --ranks 14,29,58")

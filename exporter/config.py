@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edge_runtime.bundle import BALANCE_LOSSES, PLACEMENTS  # the manifest's values, defined once (re-exported)
+
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names the command-line flag and how to fix it."""
@@ -23,10 +25,30 @@ class MoEAdapterConfig:
         default=0.01,
         metadata={"help": "Weight of the heterogeneity term KL(q || p_bar) towards the target q in the loss (--beta); 0 turns it off."},
     )
+    balance_loss: str = field(
+        default="switch",
+        metadata={
+            "help": "The load-balance term (--balance-loss). switch: t * sum_j f_j p_j on every tier, a constant (no "
+            "gradient) on a tier whose every slot is active (k = t); switch-soft: the same where k < t, and "
+            "t * sum_j p_j^2 where k = t, which has a gradient and is 1 at a uniform router."
+        },
+    )
+    placement: str = field(
+        default="post-ln",
+        metadata={
+            "help": "Where each block's adapter adds its output (--adapter-placement). post-ln: after the FFN "
+            "output's LayerNorm, h' = LN(F(a) + a) + MoE(LN(F(a) + a)); pre-ln: inside the residual, before the "
+            "LayerNorm, as a parallel adapter on the FFN's input a: h' = LN(F(a) + a + MoE(a)). Post-LN encoders only."
+        },
+    )
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of router, expert input layers and head."})
     seed: int = field(default=0, metadata={"help": "Seed of the adapter's initialisation (--seed)."})
 
     def __post_init__(self) -> None:
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise ConfigError(f"--balance-loss {self.balance_loss!r}: choose one of {', '.join(BALANCE_LOSSES)}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"--adapter-placement {self.placement!r}: choose one of {', '.join(PLACEMENTS)}")
         if self.num_experts < 1:
             raise ConfigError(f"--experts must be >= 1, got {self.num_experts}")
         if self.expert_dim < 1:

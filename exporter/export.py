@@ -201,6 +201,11 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
         if opts.pooling.startswith("mean") and arch.modality != "text":
             raise ConfigError(f"--pooling {opts.pooling}: mean pooling is over a text's real tokens; use cls for an image model")
         arch = dataclasses.replace(arch, pooling=opts.pooling)
+    if opts.lora is None and opts.adapter.placement == "pre-ln" and arch.modality != "text":
+        raise ConfigError(
+            f"--adapter-placement pre-ln: {encoder.config.model_type}'s blocks are pre-LN (no LayerNorm after the FFN's residual), "
+            "so the adapter is inside the residual already; use --adapter-placement post-ln"
+        )
     cfg = encoder.config
     image_size = getattr(cfg, "image_size", None) if arch.modality == "vision" else None
     if arch.modality == "text":
@@ -284,10 +289,11 @@ def export_bundle(opts: ExportOptions, progress: Progress = lambda _msg: None) -
         else:
             a = opts.adapter
             method, lora, experts, width, top_k, aux = "fftmoe", None, a.num_experts, a.expert_dim, a.top_k, (a.aux_alpha, a.aux_beta)
+        moe_rules = {} if opts.lora is not None else {"balance_loss": opts.adapter.balance_loss, "adapter_placement": opts.adapter.placement}
         manifest = Manifest(
             model=model_info, labels=labels, max_seq_len=opts.max_seq_len, method=method, lora=lora,
             num_experts=experts, expert_dim=width, top_k=top_k, aux_alpha=aux[0], aux_beta=aux[1], pooling=arch.pooling, opset=OPSET,
-            tiers=tiers, global_pool=FileEntry.of(stage, GLOBAL_POOL_FILE),
+            tiers=tiers, global_pool=FileEntry.of(stage, GLOBAL_POOL_FILE), **moe_rules,
             inference_model=FileEntry.of(stage, f"{INFERENCE_DIR}/model.onnx"),
             tokenizer_files=tokenizer_files, inference_files=inference_files, encoder_files=encoder_files,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), fftmoe_version=_version(),

@@ -148,23 +148,47 @@ def encoder_blocks(encoder: nn.Module, arch: Architecture) -> nn.ModuleList:
 
 
 class MoELayer(nn.Module):
-    """Wraps a block's FFN-output module: ``h = base_layer(...)``, returns ``h + MoE(h)``.
+    """Wraps a block's FFN-output module ``base_layer(x, a) = LN(dropout(dense(x)) + a)`` (a: the FFN's input).
 
-    The routing tensors of the last forward are kept on this instance (not in module-level state) for the
-    model to turn into auxiliary losses over the real tokens.
+    ``placement`` is chosen once here: ``post-ln`` returns ``h + MoE(h)`` with ``h = base_layer(x, a)`` (the
+    adapter after the LayerNorm, never renormalised); ``pre-ln`` returns ``LN(dropout(dense(x)) + a + MoE(a))``,
+    the adapter as a parallel branch of the FFN inside the residual, normalised with it (post-LN blocks only:
+    ``base_layer`` needs ``dense``, ``dropout`` and ``LayerNorm``). The routing tensors of the last forward are
+    kept on this instance (not in module-level state) for the model to turn into auxiliary losses.
     """
 
-    def __init__(self, base_layer: nn.Module, hidden_size: int, slots: int, expert_dim: int, top_k: int) -> None:
+    def __init__(
+        self, base_layer: nn.Module, hidden_size: int, slots: int, expert_dim: int, top_k: int, placement: str = "post-ln"
+    ) -> None:
         super().__init__()
+        if placement == "pre-ln" and not all(hasattr(base_layer, a) for a in ("dense", "dropout", "LayerNorm")):
+            raise UnsupportedArchitectureError(
+                f"--adapter-placement pre-ln needs a post-LN block whose FFN output has dense, dropout and LayerNorm; "
+                f"{type(base_layer).__name__} has no LayerNorm after its residual: use --adapter-placement post-ln"
+            )
         self.base_layer = base_layer
+        self.placement = placement
         self.moe = MoEAdapter(hidden_size, slots, expert_dim, top_k)
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.placement == "pre-ln":
+            x, a = _ffn_output_inputs(args, kwargs)  # [B, S, d_ff], [B, S, d]
+            delta, probs, selected = self.moe(a)
+            self.routing = (probs, selected)
+            base = self.base_layer
+            return base.LayerNorm(base.dropout(base.dense(x)) + a + delta)  # [B, S, d]
         h = self.base_layer(*args, **kwargs)  # [B, S, d]
         delta, probs, selected = self.moe(h)
         self.routing = (probs, selected)
         return h + delta
+
+
+def _ffn_output_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states, input_tensor) of a Hugging Face ``BertOutput.forward`` call, positional or by keyword."""
+    named = dict(zip(("hidden_states", "input_tensor"), args))
+    named.update(kwargs)
+    return named["hidden_states"], named["input_tensor"]
 
 
 class AdaptedEncoder(nn.Module):
@@ -182,6 +206,8 @@ class AdaptedEncoder(nn.Module):
     route_width: int = 1
     top_k: int = 1
     """Slots chosen per token (the MoE tier's k; 1 for LoRA's single slot): the ``f_j`` normaliser of L_bal."""
+    balance_loss: str = "switch"
+    """The rule of L_bal (``exporter.config.BALANCE_LOSSES``); its weight is 0 for LoRA."""
 
     def __init__(self, encoder: nn.Module, arch: Architecture, num_labels: int) -> None:
         super().__init__()
@@ -244,7 +270,9 @@ class AdaptedEncoder(nn.Module):
         ce = nn.functional.cross_entropy(logits + logit_adjustment, labels)
         balances, heteros, counts, prob_sums = [], [], [], []
         for i, (probs, selected) in enumerate(self.routing(token_mask)):
-            bal, het, cnt, psum = routing_aux_losses(probs, selected, token_mask, routing_target[i], self.top_k)
+            bal, het, cnt, psum = routing_aux_losses(
+                probs, selected, token_mask, routing_target[i], self.top_k, self.balance_loss
+            )
             balances.append(bal)
             heteros.append(het)
             counts.append(cnt)
@@ -278,10 +306,11 @@ class FFTMoEModel(AdaptedEncoder):
         self.slots = slots
         self.route_width = slots
         self.top_k = config.active_experts(slots)
+        self.balance_loss = config.balance_loss
         hidden = encoder.config.hidden_size
         self.adapters: list[MoELayer] = []
         for block in encoder_blocks(encoder, arch):
-            layer = MoELayer(getattr(block, arch.ffn_output), hidden, slots, config.expert_dim, self.top_k)
+            layer = MoELayer(getattr(block, arch.ffn_output), hidden, slots, config.expert_dim, self.top_k, config.placement)
             setattr(block, arch.ffn_output, layer)
             self.adapters.append(layer)
 
@@ -355,7 +384,8 @@ def build_model(encoder: nn.Module, manifest: Manifest, slots: int | None) -> Ad
         return LoraModel(encoder, arch, lora, rank, len(manifest.labels))
     config = MoEAdapterConfig(
         num_experts=manifest.num_experts, expert_dim=manifest.expert_dim, top_k=manifest.top_k,
-        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta,
+        aux_alpha=manifest.aux_alpha, aux_beta=manifest.aux_beta, balance_loss=manifest.balance_loss,
+        placement=manifest.adapter_placement,
     )  # fmt: skip
     return FFTMoEModel(encoder, arch, config, manifest.num_experts if slots is None else slots, len(manifest.labels))
 

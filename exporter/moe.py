@@ -90,14 +90,23 @@ class MoEAdapter(nn.Module):
 
 
 def routing_aux_losses(
-    probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor, target: torch.Tensor, top_k: int
+    probs: torch.Tensor,
+    selected: torch.Tensor,
+    token_mask: torch.Tensor,
+    target: torch.Tensor,
+    top_k: int,
+    balance_loss: str = "switch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer auxiliary losses and routing statistics over the real (unpadded) tokens.
 
     probs, selected: [B, S, t]; token_mask: [B, S] (1 for real tokens); target q: [t].
     Returns (L_bal, L_het, counts [t], prob_sum [t]) where
       f_j = (top-k assignments to j) / (tokens * k),  p_j = mean router probability of j,
-      L_bal = t * sum_j f_j p_j,  L_het = KL(q || p) = sum_j q_j log(q_j / p_j).
+      L_bal = t * sum_j f_j p_j (Switch),  L_het = KL(q || p) = sum_j q_j log(q_j / p_j).
+    When every slot is active (k = t), f_j = 1/t for every j and Switch's term is the constant sum_j p_j = 1: no
+    gradient reaches the router. ``balance_loss="switch-soft"`` uses the soft share there instead of the hard one,
+    L_bal = t * sum_j p_j^2, whose gradient 2 t p_j pushes the mean router probability towards uniform (where it is
+    1, as Switch's is at balance). Where k < t both rules are Switch's.
     """
     slots = probs.shape[-1]
     m = token_mask.to(probs.dtype).unsqueeze(-1)  # [B, S, 1]
@@ -106,7 +115,10 @@ def routing_aux_losses(
     prob_sum = (probs * m).sum(dim=(0, 1))  # [t]
     f = counts / (n_tokens * top_k)
     p = prob_sum / n_tokens
-    balance = slots * (f * p).sum()
+    if balance_loss == "switch-soft" and top_k == slots and slots > 1:
+        balance = slots * (p * p).sum()
+    else:
+        balance = slots * (f * p).sum()
     q = target
     hetero = (q * torch.log(q.clamp(min=1e-12))).sum() - (q * torch.log(p.clamp(min=1e-12))).sum()
     return balance, hetero, counts, prob_sum

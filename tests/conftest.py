@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,13 +64,14 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit")
 
 
-def export_tiny(bert_dir: Path, out: Path, tiers: list[int], num_experts: int, pooling: str = "") -> Path:
-    """Export the tiny BERT with experts of width 8 (alpha = beta = 0.1), three labels, no measurement."""
+def export_tiny(bert_dir: Path, out: Path, tiers: list[int], num_experts: int, pooling: str = "", **adapter: Any) -> Path:
+    """Export the tiny BERT with experts of width 8 (alpha = beta = 0.1), three labels, no measurement; ``adapter``:
+    further ``MoEAdapterConfig`` fields (balance_loss, placement)."""
     from exporter.config import MoEAdapterConfig
     from exporter.export import ExportOptions, export_bundle
 
     opts = ExportOptions(
-        out=out, tiers=tiers, adapter=MoEAdapterConfig(num_experts=num_experts, expert_dim=8, aux_alpha=0.1, aux_beta=0.1),
+        out=out, tiers=tiers, adapter=MoEAdapterConfig(num_experts=num_experts, expert_dim=8, aux_alpha=0.1, aux_beta=0.1, **adapter),
         model=str(bert_dir), labels=TINY_LABELS, max_seq_len=16, measure=False, pooling=pooling,
     )  # fmt: skip
     export_bundle(opts)
@@ -86,6 +88,14 @@ def tiny_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 def tiny_l2(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny bundle's shape with L2-normalised mean pooling (--pooling mean-l2): M=4, tiers 2 and 4."""
     return export_tiny(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny-l2", [2, 4], 4, pooling="mean-l2")
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle's shape with the non-default adapter rules: the soft balance term where k = t
+    (--balance-loss switch-soft) and the adapter inside the residual (--adapter-placement pre-ln); M=4, tiers 2, 4."""
+    return export_tiny(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny-variant", [2, 4], 4,
+                       balance_loss="switch-soft", placement="pre-ln")  # fmt: skip
 
 
 @pytest.fixture(scope="session")

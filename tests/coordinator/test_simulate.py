@@ -128,3 +128,17 @@ def test_paired_seeds_against_a_direct_computation() -> None:
     assert out["means"]["fedit"]["mean"] == pytest.approx(np.mean([0.84, 0.88, 0.80])) and out["means"]["fedit"]["seeds"] == 3
     with pytest.raises(ValueError, match="partition and alpha"):
         paired_seeds([*runs, {**runs[0], "alpha": 0.5}])
+
+
+def test_run_label_names_every_setting_off_its_default() -> None:
+    from types import SimpleNamespace
+
+    from coordinator.report import run_label, run_variant
+
+    manifest = SimpleNamespace(pooling="mean-l2", balance_loss="switch-soft", adapter_placement="post-ln")
+    run = {"logit_adjust": 1.0, "ridge_resolve": True, "server_opt": "fedavgm", "server_momentum": 0.9, "lr": 0.5}
+    settings = run_variant(manifest, run)
+    assert "lr" not in settings and settings["adapter_placement"] == "post-ln"
+    label = run_label({"method": "fftmoe", "head": "ridge-frozen", "settings": settings})
+    assert label == "fftmoe (ridge-frozen, pooling=mean-l2, balance_loss=switch-soft, logit_adjust=1, ridge_resolve, server_momentum=0.9)"
+    assert run_label({"method": "fedit", "head": "fedavg", "settings": run_variant(SimpleNamespace(pooling="cls"), None)}) == "fedit"

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from edge_runtime.bundle import global_expert_key, global_head_key, global_router_key, load_manifest
 from edge_runtime.ort_backend import OrtTierSession
-from exporter.check import gradient_check, tier_files, torch_model
+from exporter.check import gradient_check, randomize_trainable, tier_files, torch_model
 from exporter.onnx_export import ExportError, check_trainable_initializers, example_inputs, input_names
 
 TIERS = [1, 2, 4]
@@ -42,6 +42,46 @@ def test_l2_pooling_gradients_match_pytorch_and_features_have_unit_norm(tiny_l2:
     batch = [t.numpy() for t in example_inputs(torch_model(tiny_l2, manifest, slots), 4, 12, None, seed=5)]
     features = session.evaluate(batch)[OUTPUTS.index("features")]
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [2, 4])
+def test_soft_balance_and_pre_ln_adapter_gradients_match_pytorch(tiny_variant: Path, slots: int) -> None:
+    """--balance-loss switch-soft with --adapter-placement pre-ln: the training graph against autograd (tier 2 is
+    the k = t case that uses the soft term), and the manifest carries both rules."""
+    manifest = load_manifest(tiny_variant)
+    assert (manifest.balance_loss, manifest.adapter_placement) == ("switch-soft", "pre-ln")
+    report = gradient_check(tiny_variant, slots)
+    assert abs(report.loss_ort - report.loss_torch) <= 1e-5 * max(1.0, abs(report.loss_torch))
+    assert report.worst_error <= GRAD_RTOL, f"{report.worst_name}: relative gradient error {report.worst_error:.2e}"
+    if slots == 2:  # L_bal alone (output 3) reaches the router on the tier where every slot is active
+        model = torch_model(tiny_variant, manifest, slots)
+        randomize_trainable(model, 1)
+        outputs = model(*example_inputs(model, 4, 12, None, seed=1))
+        router = [p for n, p in model.trainable_named_parameters() if ".router." in n]
+        grads = torch.autograd.grad(outputs[3], router, allow_unused=True)
+        assert any(g is not None and float(g.abs().max()) > 0 for g in grads), "no gradient from L_bal on tier 2"
+
+
+def test_the_default_rules_leave_the_manifest_as_before(tiny_bundle: Path, tiny_variant: Path) -> None:
+    import json
+
+    plain = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert "balance_loss" not in plain and "adapter_placement" not in plain
+    assert load_manifest(tiny_bundle).balance_loss == "switch" and load_manifest(tiny_bundle).adapter_placement == "post-ln"
+    variant = json.loads((tiny_variant / "manifest.json").read_text())
+    assert (variant["balance_loss"], variant["adapter_placement"]) == ("switch-soft", "pre-ln")
+
+
+@pytest.mark.parametrize(("field", "value"), [("balance_loss", "aux"), ("adapter_placement", 3)])
+def test_a_manifest_with_an_unknown_rule_is_refused_by_field(tiny_variant: Path, field: str, value: object) -> None:
+    import json
+
+    from edge_runtime.bundle import Manifest, ManifestError
+
+    d = json.loads((tiny_variant / "manifest.json").read_text())
+    d[field] = value
+    with pytest.raises(ManifestError, match=field):
+        Manifest.from_dict(d)
 
 
 def test_an_unknown_pooling_is_refused_by_name(tiny_bert_dir: Path, tmp_path: Path) -> None:

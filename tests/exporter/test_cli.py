@@ -62,6 +62,16 @@ def test_bad_settings_exit_2(tiny_bert_dir: Path, tmp_path: Path) -> None:
     assert _run(*_small(tiny_bert_dir, tmp_path / "b", "--labels", "a,a")).exit_code == EXIT_BAD_ARGS
     result = _run(*_small(tiny_bert_dir, tmp_path / "b", "--tiers", "1", "--max-seq-len", "500", "--no-measure"))
     assert result.exit_code == EXIT_BAD_ARGS and "positions" in result.output
+    result = _run(*_small(tiny_bert_dir, tmp_path / "b", "--balance-loss", "soft"))
+    assert result.exit_code == EXIT_BAD_ARGS and "--balance-loss 'soft'" in result.output
+    result = _run(*_small(tiny_bert_dir, tmp_path / "b", "--method", "fedit", "--ranks", "2", "--adapter-placement", "pre-ln"))
+    assert result.exit_code == EXIT_BAD_ARGS and "--adapter-placement is FFT-MoE's" in result.output
+
+
+def test_pre_ln_is_refused_for_an_image_model_before_anything_is_written(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    result = _run(*_small(tiny_vit_dir, tmp_path / "b", "--tiers", "2", "--num-labels", "3", "--adapter-placement", "pre-ln", "--no-measure"))
+    assert result.exit_code == EXIT_BAD_ARGS and "use --adapter-placement post-ln" in result.output, result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_missing_and_unsupported_models_exit_3(tmp_path: Path) -> None:

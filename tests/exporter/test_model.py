@@ -128,3 +128,49 @@ def test_a_pickled_bin_checkpoint_is_never_loaded(tiny_bert_dir: Path, tmp_path:
     with pytest.raises(ModelLoadError, match="only safetensors"):
         load_encoder(str(folder))
     assert not marker.exists()
+
+
+def test_pre_ln_adapter_is_a_parallel_branch_inside_the_residual(tiny_bert_dir: Path) -> None:
+    """--adapter-placement pre-ln: LN(dropout(dense(x)) + a + MoE(a)), checked against Hugging Face's own BertOutput
+    modules called directly, and the frozen encoder exactly while the experts' output layers are zero."""
+    encoder, _, arch, _ = load_encoder(str(tiny_bert_dir))
+    pristine, _, _, _ = load_encoder(str(tiny_bert_dir))
+    config = MoEAdapterConfig(num_experts=4, expert_dim=8, placement="pre-ln")
+    model = FFTMoEModel(encoder, arch, config, 2, 3)
+    model.load_global(init_global_pool(config, 32, 2, 3))
+    ids, mask = torch.randint(5, 40, (2, 7)), torch.ones(2, 7, dtype=torch.int64)
+    with torch.no_grad():
+        want = pristine(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+        layer = model.adapters[0]
+        for p in layer.moe.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        layer.eval()
+        x, a = torch.randn(2, 7, 64), torch.randn(2, 7, 32)
+        base = layer.base_layer
+        delta, _, _ = layer.moe(a)
+        direct = torch.nn.functional.layer_norm(
+            x @ base.dense.weight.T + base.dense.bias + a + delta, (32,), base.LayerNorm.weight, base.LayerNorm.bias,
+            base.LayerNorm.eps,
+        )  # fmt: skip
+        torch.testing.assert_close(layer(x, a), direct)
+        torch.testing.assert_close(layer(hidden_states=x, input_tensor=a), direct)
+        post = MoELayer(base, 32, 2, 8, 2)  # post-ln: h + MoE(h) with h the block's own output
+        post.moe.load_state_dict(layer.moe.state_dict())
+        h = base(x, a)
+        torch.testing.assert_close(post(x, a), h + post.moe(h)[0])
+
+
+def test_pre_ln_is_refused_for_a_block_without_a_layernorm_after_its_residual(tiny_vit_dir: Path) -> None:
+    encoder, _, arch, _ = load_encoder(str(tiny_vit_dir))
+    with pytest.raises(UnsupportedArchitectureError, match="--adapter-placement post-ln"):
+        FFTMoEModel(encoder, arch, MoEAdapterConfig(num_experts=2, expert_dim=4, placement="pre-ln"), 2, 3)
+
+
+def test_unknown_adapter_rules_are_refused_by_flag() -> None:
+    from exporter.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--balance-loss 'aux'"):
+        MoEAdapterConfig(balance_loss="aux")
+    with pytest.raises(ConfigError, match="--adapter-placement 'middle'"):
+        MoEAdapterConfig(placement="middle")

@@ -117,3 +117,34 @@ def test_kl_ignores_slots_with_zero_target() -> None:
     sel = torch.ones(1, 1, 2)
     _, het, _, _ = routing_aux_losses(probs, sel, torch.ones(1, 1), torch.tensor([1.0, 0.0]), 2)
     assert abs(het.item() - np.log(2.0)) < 1e-6
+
+
+def test_soft_balance_where_every_slot_is_active_matches_numpy_and_has_a_gradient() -> None:
+    """k = t (tier 2 at top-k 2): Switch's term is the constant 1; switch-soft's is t * sum_j p_j^2 with a gradient."""
+    rng = np.random.default_rng(1)
+    B, S, t = 2, 6, 2
+    logits = torch.from_numpy(rng.normal(size=(B, S, t)).astype(np.float32)).requires_grad_(True)
+    mask = torch.ones(B, S, dtype=torch.int64)
+    mask[1, 4:] = 0
+    q = torch.full((t,), 1.0 / t)
+    sel = torch.ones(B, S, t)
+    grads = {}
+    for rule in ("switch", "switch-soft"):
+        logits.grad = None
+        probs = torch.softmax(logits, dim=-1)
+        bal, _, _, _ = routing_aux_losses(probs, sel, mask, q, t, rule)
+        bal.backward()
+        grads[rule] = logits.grad.abs().max().item()
+        p = probs.detach().numpy()[mask.numpy().astype(bool)].mean(0)
+        want = 1.0 if rule == "switch" else t * (p * p).sum()
+        np.testing.assert_allclose(bal.item(), want, rtol=1e-5)
+    assert grads["switch"] < 1e-7 and grads["switch-soft"] > 1e-3, grads
+
+
+def test_soft_balance_is_switch_where_slots_are_chosen() -> None:
+    rng = np.random.default_rng(2)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(2, 5, 4)).astype(np.float32)), dim=-1)
+    kth = torch.topk(probs, 2, dim=-1).values[..., -1:]
+    sel = (probs >= kth).float()
+    args = (probs, sel, torch.ones(2, 5), torch.full((4,), 0.25), 2)
+    assert routing_aux_losses(*args, "switch")[0].item() == routing_aux_losses(*args, "switch-soft")[0].item()
