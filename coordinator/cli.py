@@ -399,6 +399,7 @@ SUMMARY_COLUMNS = [
     ("run", "run", lambda v: Path(str(v)).name), ("method", "method", str), ("partition", "data", lambda v: str(v)),
     ("alpha", "alpha", lambda v: "-" if v is None else f"{v:g}"), ("seed", "seed", str), ("head", "head", str), ("rounds", "rounds", str),
     ("final_global_accuracy", "global acc", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("final_global_accuracy_before_resolve", "before re-solve", lambda v: "-" if v is None else f"{v:.3f}"),
     ("last_two_global_delta", "last-two delta", lambda v: "-" if v is None else f"{v:.3f}"),
     ("final_personal_accuracy", "personal acc", lambda v: "-" if v is None else f"{v:.3f}"),
     ("final_personal_global_accuracy", "personal on global test", lambda v: "-" if v is None else f"{v:.3f}"),

@@ -111,6 +111,12 @@ def test_metrics_and_summary_against_a_direct_computation(tiny_bundle: Path) -> 
     assert s["rounds"] == 2 and s["initial_global_accuracy"] == 0.3 and s["final_global_accuracy"] == 0.85
     assert s["rounds_to_target"] == 2 and s["peak_rss_mb_by_tier"] == {"2": 320.0, "4": 500.0} and s["wall_seconds"] == 10.0
     assert s["upload_mb_per_client_round"] == pytest.approx((160e-6 + 110e-6) / 2) and s["method"] == "fftmoe"
+    assert s["final_global_accuracy_before_resolve"] is None
+    resolved = [*history, {"round": 2, "ridge_head": {"mode": "ridge-frozen", "resolve": True, "nodes": ["11"]},
+                           "central": {"accuracy": 0.9, "loss": 0.3}}]  # fmt: skip
+    s = summarize(metrics_rows(resolved), None, manifest, history=resolved)
+    assert s["final_global_accuracy"] == 0.9 and s["final_global_accuracy_before_resolve"] == 0.85
+    assert s["head_resolved"] == {"nodes": 1, "global_accuracy": 0.9}
 
 
 def test_paired_seeds_against_a_direct_computation() -> None:
