@@ -239,11 +239,8 @@ def write_report(out: Path, manifest: Any, plots: bool = True) -> dict[str, Any]
     history_path = out / "state" / "history.json"
     if not history_path.is_file():
         raise ReportError(f"{history_path}: no history (the run has not completed a round)")
-    try:
-        history = json.loads(history_path.read_text(encoding="utf-8"))
-        plan = json.loads((out / "plan.json").read_text(encoding="utf-8")) if (out / "plan.json").is_file() else None
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{out}: damaged history or plan ({exc})") from exc
+    history = _read_json(history_path)
+    plan = _read_json(out / "plan.json")
     rows = metrics_rows(history)
     summary = summarize(rows, plan, manifest, history=history)
     summary["settings"] = run_variant(manifest, _read_json(out / "state" / "run-settings.json"))
@@ -310,10 +307,13 @@ def run_variant(manifest: Any, run: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+    """A run folder's JSON file, None when it is absent; a damaged one is a ReportError naming it."""
+    if not path.is_file():
         return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: damaged ({exc})") from exc
 
 
 def run_label(summary: dict[str, Any]) -> str:

@@ -135,22 +135,17 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _pooling(value: str) -> str:
-    """The manifest's pooling, one of ``mean``, ``mean-l2``, ``cls`` (``exporter.model.POOLINGS``)."""
-    if value not in ("mean", "mean-l2", "cls"):
-        raise BundleError(f"manifest: pooling {value!r} is not one of mean, mean-l2, cls")
-    return value
-
-
+POOLINGS = ("mean", "mean-l2", "cls")
+"""The manifest's ``pooling`` values (``exporter.model.POOLINGS``)."""
 BALANCE_LOSSES = ("switch", "switch-soft")
 """The manifest's ``balance_loss`` values (``exporter.config.BALANCE_LOSSES``)."""
 PLACEMENTS = ("post-ln", "pre-ln")
 """The manifest's ``adapter_placement`` values (``exporter.config.PLACEMENTS``)."""
 
 
-def _choice(d: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
-    """An optional string field of the manifest that must be one of ``allowed``; ``default`` when absent."""
-    if key not in d:
+def _choice(d: dict[str, Any], key: str, allowed: tuple[str, ...], default: str | None = None) -> str:
+    """A string field of the manifest that must be one of ``allowed``; ``default`` when absent (required if None)."""
+    if key not in d and default is not None:
         return default
     value = _get(d, key, str, "")
     if value not in allowed:
@@ -454,7 +449,7 @@ class Manifest:
             top_k=top_k,
             aux_alpha=float(_get(d, "aux_alpha", (int, float), "")),
             aux_beta=float(_get(d, "aux_beta", (int, float), "")),
-            pooling=_pooling(_get(d, "pooling", str, "")),
+            pooling=_choice(d, "pooling", POOLINGS),
             opset=_get(d, "opset", int, ""),
             tiers=tiers,
             global_pool=FileEntry.from_dict(_get(d, "global_pool", dict, ""), "global_pool"),

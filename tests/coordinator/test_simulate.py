@@ -148,3 +148,24 @@ def test_run_label_names_every_setting_off_its_default() -> None:
     label = run_label({"method": "fftmoe", "head": "ridge-frozen", "settings": settings})
     assert label == "fftmoe (ridge-frozen, pooling=mean-l2, balance_loss=switch-soft, logit_adjust=1, ridge_resolve, server_momentum=0.9)"
     assert run_label({"method": "fedit", "head": "fedavg", "settings": run_variant(SimpleNamespace(pooling="cls"), None)}) == "fedit"
+
+
+@pytest.mark.parametrize("damaged", ["state/history.json", "plan.json", "state/run-settings.json"])
+def test_write_report_names_a_damaged_run_file(tiny_bundle: Path, tmp_path: Path, damaged: str) -> None:
+    from coordinator.report import ReportError, write_report
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "history.json").write_text("[]")
+    (tmp_path / "plan.json").write_text(json.dumps({"nodes": []}))
+    (tmp_path / "state" / "run-settings.json").write_text("{}")
+    (tmp_path / damaged).write_text('{"cut off": ')
+    with pytest.raises(ReportError, match=damaged.split("/")[-1] + ": damaged"):
+        write_report(tmp_path, load_manifest(tiny_bundle), plots=False)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_write_report_without_history_says_the_run_has_not_completed_a_round(tiny_bundle: Path, tmp_path: Path) -> None:
+    from coordinator.report import ReportError, write_report
+
+    with pytest.raises(ReportError, match="has not completed a round"):
+        write_report(tmp_path, load_manifest(tiny_bundle), plots=False)

@@ -72,14 +72,19 @@ def test_the_default_rules_leave_the_manifest_as_before(tiny_bundle: Path, tiny_
     assert (variant["balance_loss"], variant["adapter_placement"]) == ("switch-soft", "pre-ln")
 
 
-@pytest.mark.parametrize(("field", "value"), [("balance_loss", "aux"), ("adapter_placement", 3)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("balance_loss", "aux"), ("adapter_placement", 3), ("pooling", "max"), ("pooling", None)]
+)
 def test_a_manifest_with_an_unknown_rule_is_refused_by_field(tiny_variant: Path, field: str, value: object) -> None:
     import json
 
     from edge_runtime.bundle import Manifest, ManifestError
 
     d = json.loads((tiny_variant / "manifest.json").read_text())
-    d[field] = value
+    if value is None:
+        del d[field]  # pooling is required: no default to fall back on
+    else:
+        d[field] = value
     with pytest.raises(ManifestError, match=field):
         Manifest.from_dict(d)
 
