@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.ridge_head import DEFAULT_HEAD, DEFAULT_LOGIT_ADJUST, DEFAULT_RESOLVE_SERVE, DEFAULT_RESOLVE_SIMULATE, resolved_at
 from edge_runtime.bundle import BundleError, load_manifest
 from edge_runtime.cli import _err, _fail  # one error style for both CLIs
 
@@ -26,11 +27,12 @@ MAX_UPDATE_NORM_HELP = ("Robustness: how far one update may move each expert, ro
 HEAD_HELP = ("How the classification head is set. fedavg: the bundle's random head, trained by the devices and "
              "merged by FedAvg. ridge: solved in closed form before round 1 from every device's feature statistics "
              "(Fed3R; about 0.6 MB per device, once), then trained and merged. ridge-frozen: solved before round 1 and "
-             "kept fixed while the devices train their adapters against it.")
+             "kept fixed while the devices train their adapters against it (the default: under label skew a FedAvg head "
+             "collapsed; docs/benchmarks.md).")
 RIDGE_HELP = "The ridge head's lambda, as a fraction of the mean eigenvalue of the features' Gram matrix (with --head ridge*)."
 RIDGE_RESOLVE_HELP = ("After the last round, solve the head again in closed form on the adapted features: every device sums over the "
                       "global model's features (FFT-MoE: through tier M, all experts; it needs that tier's files). Running a finished "
-                      "simulation again with it re-solves without retraining.")
+                      "simulation again with it re-solves without retraining. On by default in simulate; off in serve, where a device that fetched only its own tier's files would be left out (provision devices with join --bundle, then turn it on).")
 RIDGE_SCALE_HELP = "The ridge head's logits are this times its least-squares outputs, which lie near 0 and 1 (with --head ridge*)."
 LOGIT_ADJUST_HELP = ("tau of the logit-adjusted local loss: each device trains on CE(z + tau log pi, y), pi its own label prior "
                      "(add-one smoothed), and predicts with z, so a device holding one label does not learn that every row is "
@@ -109,11 +111,11 @@ def serve(
     max_update_norm: str = typer.Option("auto", help=MAX_UPDATE_NORM_HELP),
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip (scale the change down to the bound) or reject (leave the update out)."),
     max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
-    head: str = typer.Option("fedavg", help=HEAD_HELP),
+    head: str = typer.Option(DEFAULT_HEAD, help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
-    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help=RIDGE_RESOLVE_HELP),
-    logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
+    ridge_resolve: bool = typer.Option(DEFAULT_RESOLVE_SERVE, "--ridge-resolve/--no-ridge-resolve", help=RIDGE_RESOLVE_HELP),
+    logit_adjust: float = typer.Option(DEFAULT_LOGIT_ADJUST, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
     server_momentum: float = typer.Option(0.0, help=SERVER_MOMENTUM_HELP),
@@ -257,11 +259,11 @@ def simulate(
     max_update_norm: str = typer.Option("auto", help=MAX_UPDATE_NORM_HELP),
     norm_action: str = typer.Option("clip", help="An update over --max-update-norm: clip or reject."),
     max_share: float = typer.Option(0.5, help=MAX_SHARE_HELP),
-    head: str = typer.Option("fedavg", help=HEAD_HELP),
+    head: str = typer.Option(DEFAULT_HEAD, help=HEAD_HELP),
     ridge: float = typer.Option(0.1, help=RIDGE_HELP),
     ridge_scale: float = typer.Option(6.0, help=RIDGE_SCALE_HELP),
-    ridge_resolve: bool = typer.Option(False, "--ridge-resolve", help=RIDGE_RESOLVE_HELP),
-    logit_adjust: float = typer.Option(0.0, help=LOGIT_ADJUST_HELP),
+    ridge_resolve: bool = typer.Option(DEFAULT_RESOLVE_SIMULATE, "--ridge-resolve/--no-ridge-resolve", help=RIDGE_RESOLVE_HELP),
+    logit_adjust: float = typer.Option(DEFAULT_LOGIT_ADJUST, help=LOGIT_ADJUST_HELP),
     server_opt: str = typer.Option("fedavgm", help=SERVER_OPT_HELP),
     server_lr: float = typer.Option(1.0, help=SERVER_LR_HELP),
     server_momentum: float = typer.Option(0.0, help=SERVER_MOMENTUM_HELP),
@@ -307,7 +309,7 @@ def simulate(
         resume = (out / "state" / LATEST).exists()
         saved = GlobalState.load(out / "state", manifest_id(manifest)) if resume else None
         done = saved.round if saved else 0
-        resolve_pending = ridge_resolve and not (saved and any(h.get("ridge_head", {}).get("resolve") for h in saved.history))
+        resolve_pending = ridge_resolve and not (saved and resolved_at(saved.history, max(saved.round, rounds)))
         rs = run_settings(settings, plan, resume)
     except BundleError as exc:
         _fail(str(exc), EXIT_INVALID, json_out, "manifest")

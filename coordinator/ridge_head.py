@@ -32,6 +32,17 @@ HEAD_MODES = ("fedavg", "ridge", "ridge-frozen")
 """How the head is set: ``fedavg`` (the bundle's random head, trained by the devices, merged by example-weighted
 FedAvg); ``ridge`` (solved in closed form before round 1, then trained and merged as with fedavg); ``ridge-frozen``
 (solved before round 1 and kept: the devices train their adapters against it and the merge leaves it)."""
+DEFAULT_HEAD = "ridge-frozen"
+DEFAULT_LOGIT_ADJUST = 1.0
+"""The defaults of ``serve``, ``simulate`` and ``RunSettings`` (issue 18): the head solved before round 1 and kept,
+and the devices' logit-adjusted loss at tau 1. Under label skew (alpha 0.1) a FedAvg head collapsed (FFT-MoE 0.700
+at one seed); with these and the re-solve both methods ended at 0.89 (docs/benchmarks.md)."""
+DEFAULT_RESOLVE_SIMULATE = True
+DEFAULT_RESOLVE_SERVE = False
+"""--ridge-resolve: on in ``simulate`` (every client holds the whole bundle), off in ``serve`` and ``RunSettings``: the
+re-solve runs every device through tier M, and a device that fetched only its own tier's files cannot, so it would
+be left out and the head fitted to the tier-M devices' label mix (0.732 against 0.860 at alpha 0.1, seed 0). Turn
+it on in a deployment whose devices are provisioned with the whole bundle (``join --bundle``)."""
 SCALE_LIMIT = 10.0
 """A device whose mean squared feature norm is more than this many times the median over the devices (or less than
 its inverse) is left out: the encoder is frozen, so honest devices see features of one scale."""
@@ -112,3 +123,9 @@ def solve_head(gram: np.ndarray, cross: np.ndarray, ridge: float, scale: float =
 def head_values(weight: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
     """The head under its global-pool names."""
     return {global_head_key("weight"): weight, global_head_key("bias"): bias}
+
+
+def resolved_at(history: list[dict[str, Any]], round_: int) -> bool:
+    """Whether the head was re-solved after round ``round_`` (--ridge-resolve). A run extended past its last round
+    (``--rounds`` raised on ``--resume``) is re-solved again after its new last round."""
+    return any(h.get("round") == round_ and h.get("ridge_head", {}).get("resolve") for h in history)

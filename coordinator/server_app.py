@@ -35,7 +35,7 @@ import numpy as np
 
 from coordinator.merge import WEIGHTINGS
 from coordinator.plan import sample_nodes
-from coordinator.ridge_head import HEAD_MODES, combine_statistics, global_view_tiers, head_values, ridge_lambda, screen_statistics, solve_head
+from coordinator.ridge_head import DEFAULT_HEAD, DEFAULT_LOGIT_ADJUST, DEFAULT_RESOLVE_SERVE, HEAD_MODES, combine_statistics, resolved_at, global_view_tiers, head_values, ridge_lambda, screen_statistics, solve_head
 from coordinator.rounds import (
     NORM_ACTIONS,
     NormBound,
@@ -127,18 +127,19 @@ class RunSettings:
     max_share: float = 0.5
     """Largest share of any one node in the mean of an expert, router row, LoRA module or the head; 1: no bound
     (--max-share). With n holders the bound is never below 1/n."""
-    head: str = "fedavg"
+    head: str = DEFAULT_HEAD
     """How the head is set (--head; ``coordinator.ridge_head.HEAD_MODES``): fedavg (random start, trained and merged),
     ridge (solved in closed form from every node's statistics before round 1, then trained and merged), ridge-frozen
-    (solved before round 1 and kept fixed: devices put it back after each step and the merge leaves it)."""
+    (solved before round 1 and kept fixed: devices put it back after each step and the merge leaves it), the default
+    (``ridge_head.DEFAULT_HEAD``)."""
     ridge: float = 0.1
     """The ridge head's lambda as a fraction of the mean eigenvalue of the features' Gram matrix (--ridge)."""
     ridge_scale: float = 6.0
     """The ridge head's logits are this times its least-squares outputs (near 0 and 1) (--ridge-scale)."""
-    ridge_resolve: bool = False
+    ridge_resolve: bool = DEFAULT_RESOLVE_SERVE
     """After the last round, solve the head again on the adapted features, every node summing over the global
     model's features through a tier that computes them (``ridge_head.global_view_tiers``) (--ridge-resolve)."""
-    logit_adjust: float = 0.0
+    logit_adjust: float = DEFAULT_LOGIT_ADJUST
     """tau of the devices' logit-adjusted loss CE(z + tau log pi_device, y); 0: the plain loss (--logit-adjust)."""
     server_opt: str = "fedavgm"
     """The server optimiser on the merged units (--server-opt; ``coordinator.server_opt``): fedavgm or fedadam."""
@@ -658,7 +659,7 @@ class FFTMoEStrategy:
             self.write_progress(state)
             reach("round.done")
             log.info("%s", round_line(entry, s.rounds, len(sent)))
-        if s.ridge_resolve and state.round >= s.rounds and not any(h.get("ridge_head", {}).get("resolve") for h in state.history):
+        if s.ridge_resolve and state.round >= s.rounds and not resolved_at(state.history, state.round):
             state = self.solve_ridge_head(grid, state, final=True)
             self.write_progress(state)
         log.info("done: %d round(s); global state in %s", state.round, self.state_dir)

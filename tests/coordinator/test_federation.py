@@ -55,7 +55,7 @@ def test_three_tiers_two_rounds_and_resume(tiny_bundle16: Path, tmp_path: Path) 
     state_dir = tmp_path / "state"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     held_out = write_tiny_csv(tmp_path / "central.csv", 12, seed=7)  # centralised evaluation on the coordinator
-    coordinator = serve(tiny_bundle16, state_dir, port, 1, resume=False, extra=("--eval-data", str(held_out)))
+    coordinator = serve(tiny_bundle16, state_dir, port, 1, resume=False, extra=("--eval-data", str(held_out), "--ridge-resolve"))
     nodes = []
     try:
         for i, tier in enumerate(TIERS):
@@ -70,7 +70,7 @@ def test_three_tiers_two_rounds_and_resume(tiny_bundle16: Path, tmp_path: Path) 
         assert first["ok"] and first["rounds_done"] == 1, first
 
         after1 = GlobalState.load(state_dir, manifest_id(manifest))
-        (entry,) = [h for h in after1.history if h["round"] == 1]
+        (entry,) = [h for h in after1.history if h["round"] == 1 and "train_loss" in h]  # the round, not the head's records
         assert sorted(entry["tiers"].values()) == list(TIERS) and len(entry["accepted"]) == 3
         for node, tier in entry["tiers"].items():  # each node got and returned exactly its tier's share
             assert (entry["sent_bytes"][node], entry["received_bytes"][node]) == tier_bytes(manifest, tier)
@@ -80,18 +80,22 @@ def test_three_tiers_two_rounds_and_resume(tiny_bundle16: Path, tmp_path: Path) 
         # an expert held but routed no token in two local steps may keep its values; one nobody held must
         assert changed <= trained and len(changed) >= len(trained) // 2, (sorted(trained - changed), sorted(changed - trained))
         assert "federated" in entry and 0 <= entry["federated"]["accuracy"] <= 1
-        assert after1.history[0]["round"] == 0 and after1.history[0]["central"]["examples"] == 12 and "central" in entry
+        (round0,) = [h for h in after1.history if h["round"] == 0 and "central" in h]  # after the ridge head's record
+        assert round0["central"]["examples"] == 12 and "central" in entry
+        assert after1.history[0]["ridge_head"]["mode"] == "ridge-frozen" and len(after1.history[0]["ridge_head"]["nodes"]) == 3  # the defaults
+        assert after1.history[-1]["round"] == 1 and after1.history[-1]["ridge_head"]["resolve"]
         for i in (0, 1):  # fetched and verified only their tier's files; the pre-provisioned node fetched nothing
             cached = tmp_path / f"cache{i}" / manifest_id(manifest) / "tiers"
             assert sorted(p.name for p in cached.iterdir()) == [f"t{TIERS[i]}"]
         assert not (tmp_path / "cache2" / manifest_id(manifest)).exists()
 
         # restart: the SuperNodes reconnect to the new SuperLink; the run continues from round 1's checkpoint
-        second = finish(serve(tiny_bundle16, state_dir, port, 2, resume=True), 1200)
+        second = finish(serve(tiny_bundle16, state_dir, port, 2, resume=True, extra=("--ridge-resolve",)), 1200)
         assert second["ok"] and second["rounds_done"] == 2, second
         after2 = GlobalState.load(state_dir, manifest_id(manifest))
         assert [h["round"] for h in after2.history if "train_loss" in h] == [1, 2]
-        entry2 = after2.history[-1]
+        entry2 = [h for h in after2.history if "train_loss" in h][-1]
+        assert after2.history[-1]["round"] == 2 and after2.history[-1]["ridge_head"]["resolve"]  # extended: re-solved again
         trained2 = {(l, e) for a in entry2["assignment"].values() for l, ids in enumerate(a) for e in ids}
         changed2 = changed_experts(after1.pool, after2.pool, manifest)
         assert changed2 <= trained2 and len(changed2) >= len(trained2) // 2

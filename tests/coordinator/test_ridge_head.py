@@ -148,7 +148,8 @@ def test_statistics_of_another_round_are_refused(strategy: tuple[FFTMoEStrategy,
 def test_a_frozen_head_survives_the_merge_and_the_instruction_says_so(strategy: tuple[FFTMoEStrategy, GlobalState, dict]) -> None:
     st, state, _ = strategy
     assert st.settings.train_settings()["freeze_head"] is True
-    assert "freeze_head" not in RunSettings(bundle="b", state_dir="s").train_settings()
+    assert RunSettings(bundle="b", state_dir="s").train_settings()["freeze_head"] is True  # the default head
+    assert "freeze_head" not in RunSettings(bundle="b", state_dir="s", head="fedavg").train_settings()
     sent = plan_round(state, st.manifest, {1: 2, 2: 2}, st.settings.train_settings())
     screened = SimpleNamespace(accepted={n: trained(sent[n], 20, n) for n in sent}, rejected={}, digests={}, clipped={}, capped={})
     kept = apply_round(state, st.manifest, screened, keep_head=True)
@@ -164,3 +165,11 @@ def test_ridge_settings_name_the_flag() -> None:
     for kwargs, flag in (({"head": "lstsq"}, "--head"), ({"ridge": 0.0}, "--ridge"), ({"ridge_scale": float("nan")}, "--ridge-scale")):
         with pytest.raises(ValueError, match=flag):
             RunSettings(bundle="b", state_dir="s", **kwargs)
+
+
+def test_resolved_at_is_per_round_so_an_extended_run_is_re_solved_again() -> None:
+    from coordinator.ridge_head import resolved_at
+
+    history = [{"round": 0, "ridge_head": {"mode": "ridge-frozen"}}, {"round": 2, "train_loss": 1.0},
+               {"round": 2, "ridge_head": {"mode": "ridge-frozen", "resolve": True}}, {"round": 3, "train_loss": 0.9}]  # fmt: skip
+    assert resolved_at(history, 2) and not resolved_at(history, 3) and not resolved_at(history, 0)
