@@ -476,7 +476,9 @@ def units_of(tensors: dict[str, Any]) -> dict[str, list[str]]:
 
 def make_round(bundle: Path, state_dir: Path) -> RoundCase:
     manifest = load_manifest(bundle)
-    strategy = FFTMoEStrategy(RunSettings(bundle=str(bundle), state_dir=str(state_dir), min_clients=2))
+    # head fedavg: the merge computed here covers every unit, the head too (the default frozen head is left out of
+    # the merge, tested in test_ridge_head.py)
+    strategy = FFTMoEStrategy(RunSettings(bundle=str(bundle), state_dir=str(state_dir), min_clients=2, head="fedavg"))
     state = GlobalState.initial(manifest_id(manifest), load_file(str(bundle / manifest.global_pool.path)), manifest.num_layers,
                                 manifest.num_experts)  # fmt: skip
     train = strategy.settings.train_settings()
