@@ -606,22 +606,33 @@ GAVE_UP_GRACE_S = 15.0
 """How long a SuperNode may linger after logging its end (``_finished``) before ``join`` stops it."""
 
 # Lines of Flower 1.41's SuperNode log that ``join`` acts on.
-GAVE_UP = b"Giving up reconnection"  # its retries (--max-wait-time) ran out
+GAVE_UP = b"Giving up reconnection"  # its retries (--max-wait-time) ran out (the SuperExec logs it too: ``_gave_up``)
 TERMINATED = b"SuperNode terminated"  # it stopped: the SuperLink forgot the node (a restart answers its heartbeat 401)
 NODE_ID = b"SuperNode ID:"  # the SuperLink gave it a node ID
 
 
-def _logged(log_path: Path, log_start: int, *texts: bytes) -> bool:
-    """Whether the SuperNode's log holds any of ``texts`` after byte ``log_start`` (this start of it)."""
+def _log_tail(log_path: Path, log_start: int) -> bytes:
+    """The SuperNode's log after byte ``log_start``: what this start of it wrote."""
     with open(log_path, "rb") as log_file:
         log_file.seek(log_start)
-        tail = log_file.read()
+        return log_file.read()
+
+
+def _logged(log_path: Path, log_start: int, *texts: bytes) -> bool:
+    """Whether the SuperNode's log holds any of ``texts`` after byte ``log_start`` (this start of it)."""
+    tail = _log_tail(log_path, log_start)
     return any(t in tail for t in texts)
 
 
 def _gave_up(log_path: Path, log_start: int) -> bool:
-    """Whether the SuperNode logged, since ``log_start``, that its retries (``--max-wait-time``) ran out."""
-    return _logged(log_path, log_start, GAVE_UP)
+    """Whether this start of the SuperNode ended because its retries (``--max-wait-time``) ran out: Flower's line
+    logged since ``log_start`` and not followed by ``TERMINATED``. The SuperExec logs the same line into the same log
+    when a coordinator killed mid-task leaves its ClientApp unanswered; the SuperNode then ends on ``TERMINATED``
+    (the restarted SuperLink answers its heartbeat 401), which is a restart, not a give-up (CI saw a device leave the
+    federation that way)."""
+    tail = _log_tail(log_path, log_start)
+    last = tail.rfind(GAVE_UP)
+    return last >= 0 and last > tail.rfind(TERMINATED)
 
 
 def _connected(log_path: Path, log_start: int) -> bool:

@@ -237,6 +237,28 @@ def test_join_restarts_a_supernode_that_keeps_connecting_past_retry_seconds(tmp_
     assert cli._keep_supernode_running([sys.executable, "-c", giving_up], tmp_path / "home2", 60.0, lambda: False, {}) == 1
 
 
+def test_join_restarts_a_supernode_that_terminated_after_its_superexec_gave_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log of CI's failed fault test: a coordinator killed while a device trained left the SuperExec unanswered
+    (it logged Flower's give-up line) and the restarted SuperLink answered the SuperNode's heartbeat 401 (it logged
+    that it terminated). That start ended on the 401: join starts the SuperNode again; a real give-up still ends it."""
+    import sys
+
+    import edge_runtime.cli as cli
+
+    monkeypatch.setattr(cli, "RESTART_PAUSE_S", 0.1)
+    counter = tmp_path / "starts"
+    lines = ["INFO : SuperNode ID: 7", "ERROR : Failed to push task output: Client error '401 Unauthorized'",
+             "WARNING : Giving up reconnection after 16.26 seconds and 6 tries.", "INFO : SuperNode terminated gracefully."]  # fmt: skip
+    script = ("import sys, pathlib; c = pathlib.Path(sys.argv[1]); n = int(c.read_text()) + 1 if c.exists() else 1; c.write_text(str(n)); "
+              f"print(chr(10).join({lines!r}) if n == 1 else 'WARNING : retrying', flush=True)")  # fmt: skip
+    code = cli._keep_supernode_running([sys.executable, "-c", script, str(counter)], tmp_path / "home", 0.5, lambda: False, {})
+    assert code == 0 and int(counter.read_text()) >= 2, counter.read_text()  # started again after the terminated start
+    log = tmp_path / "home2" / "supernode.log"
+    log.parent.mkdir()
+    log.write_bytes(b"INFO : SuperNode terminated gracefully.\nWARNING : Giving up reconnection after 600.00 seconds\n")
+    assert cli._gave_up(log, 0)  # the give-up after the terminated line: the SuperNode's own, it ends join
+
+
 def test_join_stops_a_supernode_that_terminated_but_lingers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a restarted coordinator answers its heartbeat 401, Flower's SuperNode logs that it terminated; one that
     then hangs instead of exiting is stopped after the grace period, so that ``join`` can start it again."""
