@@ -35,7 +35,7 @@ import numpy as np
 
 from coordinator.merge import WEIGHTINGS
 from coordinator.plan import sample_nodes
-from coordinator.ridge_head import DEFAULT_HEAD, DEFAULT_LOGIT_ADJUST, DEFAULT_RESOLVE_SERVE, HEAD_MODES, combine_statistics, resolved_at, global_view_tiers, head_values, ridge_lambda, screen_statistics, solve_head
+from coordinator.ridge_head import DEFAULT_HEAD, DEFAULT_LOGIT_ADJUST, DEFAULT_RESOLVE_SERVE, HEAD_MODES, combine_statistics, global_view_tiers, head_values, resolved_at, ridge_lambda, screen_statistics, solve_head
 from coordinator.rounds import (
     NORM_ACTIONS,
     NormBound,

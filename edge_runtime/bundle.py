@@ -136,7 +136,9 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 POOLINGS = ("mean", "mean-l2", "cls")
-"""The manifest's ``pooling`` values (``exporter.model.POOLINGS``)."""
+"""The manifest's ``pooling`` values: how the head's input is pooled from the last hidden states: the mean over real
+tokens, that mean scaled to unit L2 norm (as sentence-transformers' MiniLM pipeline ends), or the first token
+(``fftmoe-export --pooling``; re-exported by ``exporter.model``)."""
 BALANCE_LOSSES = ("switch", "switch-soft")
 """The manifest's ``balance_loss`` values (``exporter.config.BALANCE_LOSSES``)."""
 PLACEMENTS = ("post-ln", "pre-ln")

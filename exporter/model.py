@@ -22,7 +22,7 @@ from edge_runtime.bundle import (
     Manifest,
     HEAD_TENSORS,
     ROUTER_TENSORS,
-    POOLINGS as BUNDLE_POOLINGS,
+    POOLINGS,  # the manifest's values, defined once (re-exported)
     NamedParam,
     SlotParam,
     global_expert_key,
@@ -52,9 +52,6 @@ class Architecture:
     pooling: str  # "mean" over real tokens (sentence-embedding style) or "cls" (first token); POOLINGS
 
 
-POOLINGS = BUNDLE_POOLINGS
-"""How the head's input is pooled from the last hidden states: the mean over real tokens, that mean scaled to unit
-L2 norm (as sentence-transformers' MiniLM pipeline ends), or the first token (``fftmoe-export --pooling``)."""
 
 
 SUPPORTED: dict[str, Architecture] = {
